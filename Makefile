@@ -1,0 +1,64 @@
+# stemnet: set-up and everyday commands.  `make install`, `make test`, `make demo`, `make bench`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TF_PACKAGE ?= tensorflow-cpu==2.15.1
+HOROVOD    ?= horovod==0.28.1
+PIP        := $(VENV)/bin/python -m pip
+# The stamp is keyed on everything that decides what gets installed: a change to the
+# dependency files or to TF_PACKAGE re-runs the (idempotent) install, otherwise it is a no-op.
+DEPS_KEY   := $(shell cat setup.cfg pyproject.toml 2>/dev/null | { cat; echo '$(TF_PACKAGE) $(HOROVOD)'; } | sha1sum | cut -c1-12)
+STAMP      := $(VENV)/.installed-$(DEPS_KEY)
+HOROVOD_FLAGS := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
+
+.PHONY: install test test-all demo bench clean-venv help
+
+help:
+	@echo "make install   create $(VENV): TensorFlow ($(TF_PACKAGE)), Horovod built with Gloo, stemnet"
+	@echo "make test      install if needed, then the fast test suite"
+	@echo "make test-all  install if needed, then every test, slow ones included"
+	@echo "make demo      install if needed, then simulate -> train -> evaluate -> reconstruct"
+	@echo "make bench     install if needed, then the benchmarks (JSON in bench/)"
+
+install: $(STAMP)
+
+$(STAMP):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if (3, 9) <= sys.version_info[:2] <= (3, 11) else 1)' 2>/dev/null || \
+	  { echo "error: $(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '?'), expected 3.9-3.11 (TensorFlow 2.15 + Horovod 0.28.1); run: make install PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=23.2" "setuptools>=61,<81" wheel
+	@echo "--- TensorFlow: $(TF_PACKAGE)"
+	$(PIP) install --quiet "$(TF_PACKAGE)" "numpy>=1.26,<2"
+	@echo "--- Horovod: $(HOROVOD) built against it with Gloo (about 2-5 minutes the first time)"
+	@if $(VENV)/bin/python -c 'import horovod, horovod.tensorflow as h; assert horovod.__version__ == "$(subst horovod==,,$(HOROVOD))" and h.gloo_built()' 2>/dev/null; then \
+	  echo "Horovod already built with TensorFlow + Gloo"; \
+	else \
+	  command -v cmake >/dev/null || $(PIP) install --quiet "cmake>=3.13,<4"; \
+	  $(HOROVOD_FLAGS) $(PIP) install --no-build-isolation "$(HOROVOD)" > $(VENV)/horovod-build.log 2>&1 || \
+	    { tail -n 40 $(VENV)/horovod-build.log; echo "error: the Horovod build failed (full log: $(VENV)/horovod-build.log); it needs a C++17 compiler, cmake >= 3.13 and TensorFlow 2.15" >&2; exit 1; }; \
+	fi
+	@echo "--- the rest of the stack, and stemnet (editable)"
+	$(PIP) install --quiet -e ".[dev]"
+	@TF_CPP_MIN_LOG_LEVEL=3 $(VENV)/bin/python -c 'import numpy, tensorflow, horovod.tensorflow as h; assert numpy.__version__ < "2" and h.gloo_built()' || \
+	  { echo "error: $(VENV) is inconsistent (numpy >= 2, or Horovod without TensorFlow/Gloo): run make clean-venv install" >&2; exit 1; }
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "installed: $(VENV) ($(TF_PACKAGE), $(HOROVOD) with Gloo)"
+
+test: install
+	$(VENV)/bin/python -m pytest
+
+test-all: install
+	$(VENV)/bin/python -m pytest -m ""
+
+demo: install
+	$(VENV)/bin/stemnet demo
+
+bench: install
+	mkdir -p bench
+	$(VENV)/bin/stemnet bench simulate --json bench/simulate.json
+
+clean-venv:
+	rm -rf $(VENV)
