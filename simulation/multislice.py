@@ -98,12 +98,18 @@ def _fft_backend() -> str:
 
 @contextlib.contextmanager
 def _abtem_settings(fft_threads: int = 1) -> Iterator[None]:
-    """Eager float32 CPU evaluation, FFTW when available, no progress bars."""
+    """Eager float32 CPU evaluation, FFTW when available, no progress bars.
+
+    FFTW plans with FFTW_ESTIMATE: FFTW_MEASURE (abTEM's default) times candidate
+    algorithms at run time, so two processes can pick different ones and a sample would
+    no longer be bit-for-bit a function of (seed, index).
+    """
     settings = {
         "device": "cpu",
         "precision": "float32",
         "fft": _fft_backend(),
         "fftw.threads": int(fft_threads),
+        "fftw.planning_effort": "FFTW_ESTIMATE",
         "dask.lazy": False,
         "diagnostics.progress_bar": False,
         "diagnostics.task_progress": False,

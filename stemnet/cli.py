@@ -137,6 +137,126 @@ def config_validate(file: Path, overrides: tuple) -> None:
     click.echo(f"{file}: ok ({', '.join(sections) or 'defaults only'})")
 
 
+# ---------------------------------------------------------------------------- model
+def _shape_option(length: int):
+    """click callback: 'H,W[,C]' -> tuple of ``length`` positive ints, or a one-line error."""
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            shape = tuple(int(v) for v in value.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != length or min(shape) <= 0:
+            axes = "H,W,C" if length == 3 else "H,W"
+            raise click.BadParameter(f"expected {length} positive integers {axes}, got {value!r}")
+        return shape
+
+    return parse
+
+
+@cli.group()
+def model() -> None:
+    """Inspect the network a config describes."""
+
+
+@model.command("summary")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+@click.option("--input-shape", callback=_shape_option(3), metavar="H,W,C", default="32,32,16",
+              show_default=True, help="One input sample, channels-last.")
+@click.option("--output-shape", callback=_shape_option(2), metavar="H,W",
+              help="Target maps' size  [default: the input's H,W].")
+def model_summary_cmd(file, overrides, input_shape, output_shape) -> None:
+    """Per-layer parameters, gradient bytes and FLOPs of FILE's model, in backprop order."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.config import load_config
+    from stemnet.models import format_summary, model_summary
+
+    cfg = load_config(file, overrides, require=("model",)).model
+    click.echo(format_summary(model_summary(cfg, input_shape, output_shape)))
+
+
+# ------------------------------------------------------------------------- simulate
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Simulation config (a file with a 'simulation:' section).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Dataset folder.")
+@click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this node, one shard each.")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already in --out.")
+@click.option("--finalize", "finalize_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Only write DIR/manifest.json from its shards (after a multi-rank run).")
+@click.option("--wait", "wait_s", type=float, default=600.0, show_default=True,
+              help="Seconds rank 0 waits for the other ranks before leaving the manifest to --finalize.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def simulate(config_file, out, overrides, workers, overwrite, finalize_dir, wait_s, no_progress) -> None:
+    """Generate (or resume) a simulated dataset of sharded LMDB files.
+
+    Under a batch launcher (jsrun, srun, mpirun) every rank writes its own shards; rank 0
+    writes the manifest when all are done.
+    """
+    from stemnet.config import load_config
+    from stemnet.ranks import launcher_rank
+
+    if finalize_dir is not None:
+        from simulation.generator import CONFIG_NAME, finalize
+
+        cfg_path = Path(config_file) if config_file else finalize_dir / CONFIG_NAME
+        cfg = load_config(cfg_path, overrides, require=("simulation",)).simulation
+        manifest = finalize(cfg, finalize_dir)
+        counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
+        click.echo(f"{finalize_dir}: manifest written ({counts})")
+        return
+    if config_file is None or out is None:
+        raise click.UsageError("--config and --out are required (or --finalize DIR)")
+    cfg = load_config(config_file, overrides, require=("simulation",)).simulation
+    from simulation.generator import generate
+
+    try:
+        rank = launcher_rank()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    summary = generate(cfg, out, workers=workers, rank=rank.rank, world=rank.world,
+                       overwrite=overwrite, wait_s=wait_s, progress=not no_progress)
+    tail = "manifest written" if summary["finalized"] else "manifest pending (--finalize)"
+    click.echo(
+        f"simulated {summary['written']} new of {summary['planned']} samples in {summary['seconds']:.1f} s "
+        f"({summary['samples_per_s']:.2f} samples/s) into {out}; {tail}"
+    )
+
+
+# ---------------------------------------------------------------------------- train
+@cli.command()
+@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Training config (model, train, data, distributed sections).")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Dataset folder written by `stemnet simulate`.")
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder; an existing one is resumed from its last checkpoint.")
+@click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many steps in this call.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(config_file, data_dir, run_dir, overrides, max_steps, no_progress) -> None:
+    """Train the model on DIR's shards (resumes RUN); run under horovodrun/jsrun for many ranks."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.config import load_config
+    from stemnet.train.loop import train as run_training
+
+    cfg = load_config(config_file, overrides, require=("model", "train"))
+    summary = run_training(cfg, data_dir, run_dir, progress=not no_progress, max_steps=max_steps)
+    if summary.get("rank", 0) == 0:
+        loss = summary["train_loss"].get("total", float("nan"))
+        val = summary["val_loss"].get("total")
+        click.echo(
+            f"trained to step {summary['steps']}/{summary['target_steps']} on {summary['world']} rank(s): "
+            f"loss {loss:.4g}" + (f", val loss {val:.4g}" if val is not None else "")
+            + f", {summary['samples_per_s']:.1f} samples/s, {summary['skipped_steps']} skipped steps; run in {run_dir}"
+        )
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     """Entry point: one-line errors for bad input, exit codes 0 / 1 / 2."""

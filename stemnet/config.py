@@ -109,10 +109,10 @@ class StemConfig(Section):
 
 
 class ShardConfig(Section):
-    """Writer settings: samples per LMDB transaction, initial map size (MiB)."""
+    """Writer settings: samples per LMDB transaction, initial map size (KiB; it grows)."""
 
     txn_samples: PositiveInt = 8
-    map_size_mib: PositiveInt = 64
+    map_size_kib: PositiveInt = 65536
 
 
 class SimulationConfig(Section):
@@ -130,8 +130,8 @@ class SimulationConfig(Section):
     specimen: SpecimenConfig = Field(default_factory=lambda: SpecimenConfig(materials=["SrTiO3"]))
     distortion: DistortionConfig = Field(default_factory=DistortionConfig)
     microscope: MicroscopeConfig = Field(default_factory=MicroscopeConfig)
-    sampling_ang: PositiveFloat = 0.1
-    fov_cells: PositiveInt = 2
+    sampling_ang: PositiveFloat = 0.05
+    fov_ang: PositiveFloat = 7.81
     output_shape: Tuple[PositiveInt, PositiveInt] = (32, 32)
     label_sigma_ang: PositiveFloat = 0.3
     noise_dose_e_per_ang2: Optional[PositiveFloat] = None
@@ -155,10 +155,12 @@ class SimulationConfig(Section):
                 f"specimen.materials: unknown material {unknown[0]!r}; "
                 f"expected one of {sorted(self.materials)}"
             )
-        if self.fov_cells > self.specimen.cells:
+        name = min(self.specimen.materials, key=lambda m: self.materials[m].a)
+        width = self.specimen.cells * self.materials[name].a
+        if self.fov_ang > width:
             raise ValueError(
-                f"fov_cells: field of view of {self.fov_cells} cells is larger than the "
-                f"specimen ({self.specimen.cells} cells); expected fov_cells <= specimen.cells"
+                f"fov_ang: field of view {self.fov_ang:g} Å is larger than the specimen "
+                f"({self.specimen.cells} cells of {name} = {width:.2f} Å); expected fov_ang <= {width:.2f}"
             )
         return self
 

@@ -1,0 +1,394 @@
+"""The dataset generator: sample i = f(seed, i) → shards, on any number of workers/ranks.
+
+Writers
+-------
+``world`` ranks × ``workers`` processes give W writers; writer w = rank·workers + local
+writes shard ``{split}/shard-{w:05d}.lmdb`` and simulates the samples of each split whose
+position p in the split has p mod W = w, skipping every index already present in any
+shard of that split (so a rerun resumes, even with another W). Rank 0 (or
+``stemnet simulate --finalize``) writes the manifest once every index is present.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import lmdb
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from simulation.labels import column_maps, find_columns
+from simulation.structures import build_specimen, draw_distortion, material_from_dict, parse_glazer
+from stemnet import __version__
+from stemnet.config import SimulationConfig, digest
+from stemnet.errors import UserError
+from stemnet.log import get_logger
+from stemnet.shards import (
+    MANIFEST_NAME,
+    SPLITS,
+    FieldSpec,
+    ShardReader,
+    ShardWriter,
+    finalize_manifest,
+    shard_path,
+)
+
+log = get_logger("simulate")
+GENERATOR = "stemnet.simulation"
+CONFIG_NAME = "simulation.yaml"
+VECTOR_PARAMS = ("tilt_deg", "polar_A_ang", "polar_B_ang")
+
+
+# ----------------------------------------------------------------------------- plan
+def split_ranges(cfg: SimulationConfig) -> Dict[str, range]:
+    """Contiguous global index ranges per split, sizes from the configured fractions."""
+    n = cfg.num_samples
+    bounds, start, acc = {}, 0, 0.0
+    for split in SPLITS:
+        acc += cfg.splits.get(split, 0.0)
+        stop = n if split == SPLITS[-1] else int(round(acc * n))
+        bounds[split] = range(start, stop)
+        start = stop
+    return bounds
+
+
+def writer_indices(cfg: SimulationConfig, split: str, writer: int, writers: int) -> range:
+    """The global indices of ``split`` that writer ``writer`` of ``writers`` simulates."""
+    rng = split_ranges(cfg)[split]
+    return rng[writer::writers]
+
+
+def param_names(cfg: SimulationConfig) -> List[str]:
+    """Names of the per-sample parameter vector (units in the names)."""
+    names = ["material_index", "a_ang", "glazer_index"]
+    for key in VECTOR_PARAMS:
+        names += [f"{key}_{axis}" for axis in "xyz"]
+    return names + [
+        "thickness_cells", "thickness_ang", "energy_ev", "convergence_mrad", "defocus_ang", "cs_ang",
+    ]
+
+
+def fields(cfg: SimulationConfig) -> Dict[str, FieldSpec]:
+    """Field name → shape/dtype of one sample (channels first)."""
+    h, w = cfg.output_shape
+    if cfg.mode == "cbed":
+        gx, gy = cfg.cbed.grid
+        inputs = FieldSpec((gx * gy, cfg.cbed.k, cfg.cbed.k), "<f4")
+    else:
+        inputs = FieldSpec((len(cfg.stem.detectors), h, w), "<f4")
+    return {
+        cfg.mode: inputs,
+        "potential": FieldSpec((1, h, w), "<f4"),
+        "displacement": FieldSpec((9, h, w), "<f4"),
+        "columns": FieldSpec((3, h, w), "<f4"),
+    }
+
+
+# --------------------------------------------------------------------------- sample
+def _thickness_choices(cfg: SimulationConfig, glazer: str) -> List[int]:
+    lo, hi = cfg.specimen.thickness_cells
+    _, axes = parse_glazer(glazer)
+    needs_even = any(sign == "-" for _, sign in axes) or any(s != "0" for _, s in axes[:2])
+    choices = [m for m in range(lo, hi + 1) if not needs_even or m % 2 == 0]
+    if not choices:
+        raise UserError(
+            f"simulation.specimen.thickness_cells: {[lo, hi]} holds no even thickness, "
+            f"which Glazer system {glazer} needs for a periodic supercell"
+        )
+    return choices
+
+
+def simulate_sample(cfg: SimulationConfig, index: int) -> tuple:
+    """Simulate sample ``index``: a pure function of (cfg.seed, index).
+
+    Returns ``(sample, params)``: a dict of float32 arrays shaped as :func:`fields`, and
+    the float64 parameter vector named by :func:`param_names`.
+    """
+    from simulation import multislice  # abTEM is imported only where it is used
+
+    rng = np.random.default_rng([cfg.seed, index])
+    names = cfg.specimen.materials
+    material_index = int(rng.integers(len(names)))
+    material = material_from_dict(names[material_index], cfg.materials[names[material_index]].model_dump())
+    dist = cfg.distortion
+    distortion = draw_distortion(
+        rng,
+        glazer_systems=dist.glazer,
+        tilt_range_deg=dist.tilt_deg,
+        polar_A_max_ang=dist.polar_A_ang,
+        polar_B_max_ang=dist.polar_B_ang,
+    )
+    thickness = int(rng.choice(_thickness_choices(cfg, distortion["glazer"])))
+    specimen = build_specimen(material, cfg.specimen.cells, thickness, zone=cfg.specimen.zone, **distortion)
+    phonon_seed = int(rng.integers(2**31))
+    mic = cfg.microscope
+    slice_ang = material.a / 2
+    fov = ((0.0, 0.0), (cfg.fov_ang, cfg.fov_ang))
+    phonons = None
+    if dist.phonon_rms_ang:
+        phonons = {el: dist.phonon_rms_ang.get(el, 0.0) for el in (material.A, material.B, material.X)}
+    common = dict(
+        sampling_ang=cfg.sampling_ang,
+        slice_thickness_ang=slice_ang,
+        phonon_rms_ang=phonons,
+        num_phonon_configs=dist.phonon_configs,
+        seed=phonon_seed,
+    )
+    probe = dict(
+        energy_ev=mic.energy_ev,
+        convergence_mrad=mic.convergence_mrad,
+        defocus_ang=mic.defocus_ang,
+        cs_ang=mic.cs_ang,
+    )
+    if cfg.mode == "cbed":
+        inputs = multislice.cbed_stack(
+            specimen.atoms, grid=cfg.cbed.grid, fov_ang=fov, k=cfg.cbed.k,
+            max_angle_mrad=cfg.cbed.max_angle_mrad, **probe, **common,
+        )
+    else:
+        inputs = multislice.stem_images(
+            specimen.atoms, detectors=cfg.stem.detectors, shape=cfg.output_shape, fov_ang=fov,
+            method=cfg.stem.method, **probe, **common,
+        )
+    if cfg.noise_dose_e_per_ang2:
+        pixel_area = (cfg.fov_ang / cfg.output_shape[0]) * (cfg.fov_ang / cfg.output_shape[1])
+        if cfg.mode == "cbed":
+            gx, gy = cfg.cbed.grid
+            pixel_area = (cfg.fov_ang / gx) * (cfg.fov_ang / gy)
+        inputs = multislice.add_poisson_noise(inputs, cfg.noise_dose_e_per_ang2, pixel_area, rng)
+    potential = multislice.projected_potential(
+        specimen.atoms, shape=cfg.output_shape, fov_ang=fov,
+        sampling_ang=cfg.sampling_ang, slice_thickness_ang=slice_ang,
+    )
+    cell = tuple(np.diag(specimen.atoms.cell.array)[:2])
+    displacement, columns = column_maps(
+        find_columns(specimen), cell_ang=cell, fov_ang=cfg.fov_ang,
+        shape=cfg.output_shape, sigma_ang=cfg.label_sigma_ang,
+    )
+    sample = {
+        cfg.mode: np.asarray(inputs, np.float32),
+        "potential": np.asarray(potential, np.float32),
+        "displacement": displacement,
+        "columns": columns,
+    }
+    params = [material_index, material.a, dist.glazer.index(distortion["glazer"])]
+    for key in VECTOR_PARAMS:
+        params += list(np.broadcast_to(np.asarray(distortion[key], float), 3))
+    params += [thickness, thickness * material.a, mic.energy_ev, mic.convergence_mrad, mic.defocus_ang, mic.cs_ang]
+    return sample, np.asarray(params, np.float64)
+
+
+# -------------------------------------------------------------------------- writing
+def _meta(cfg: SimulationConfig) -> dict:
+    return {
+        "generator": GENERATOR,
+        "generator_version": __version__,
+        "config_digest": digest(cfg),
+        "seed": cfg.seed,
+        "mode": cfg.mode,
+        "materials": list(cfg.specimen.materials),
+        "glazer": list(cfg.distortion.glazer),
+    }
+
+
+def done_indices(out: Path) -> Dict[str, set]:
+    """Indices already committed, per split, over every shard in ``out``.
+
+    Read before any writer of this run starts: readers do not lock, so shards must not be
+    read while another process writes them.
+    """
+    done: Dict[str, set] = {}
+    for split in SPLITS:
+        done[split] = set()
+        for path in sorted((out / split).glob("shard-*.lmdb")):
+            with ShardReader(path, verify=False) as reader:
+                done[split].update(reader.indices())
+    return done
+
+
+def _write_shards(cfg: SimulationConfig, out: Path, writer: int, writers: int,
+                  done: Dict[str, set], report) -> int:
+    """Simulate and write writer ``writer``'s samples not in ``done``; returns how many.
+
+    ``report(n, resumed)`` is called after each new sample, and once per split for the
+    samples a previous run already committed.
+    """
+    written = 0
+    for split in SPLITS:
+        assigned = writer_indices(cfg, split, writer, writers)
+        todo = [i for i in assigned if i not in done[split]]
+        if len(assigned) > len(todo):
+            report(len(assigned) - len(todo), True)
+        if not todo:
+            continue
+        with ShardWriter(
+            shard_path(out, split, writer), fields(cfg), param_names(cfg), _meta(cfg),
+            txn_samples=cfg.shard.txn_samples, map_size=cfg.shard.map_size_kib << 10,
+        ) as shard:
+            for index in todo:
+                try:
+                    sample, params = simulate_sample(cfg, index)
+                except ValueError as err:  # bad physics settings, named by the simulator
+                    raise UserError(f"simulation: sample {index}: {err}") from None
+                shard.write(index, sample, params)
+                written += 1
+                report(1, False)
+    return written
+
+
+def _worker(cfg_dict: dict, out: str, writer: int, writers: int, done: dict, messages) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cfg = SimulationConfig.model_validate(cfg_dict)
+    try:
+        _write_shards(cfg, Path(out), writer, writers, done, lambda n, resumed: messages.put(("progress", (n, resumed))))
+        messages.put(("done", writer))
+    except UserError as err:
+        messages.put(("error", str(err)))
+    except Exception as err:  # a bug: report it rather than hang the parent
+        messages.put(("error", f"writer {writer}: {type(err).__name__}: {err}"))
+
+
+def check_output(cfg: SimulationConfig, out: Path, overwrite: bool, world: int) -> None:
+    """Refuse a folder holding another dataset; with ``overwrite``, clear it."""
+    existing = sorted(out.glob("*/shard-*.lmdb")) + sorted(out.glob(MANIFEST_NAME))
+    if not existing:
+        return
+    if overwrite:
+        if world > 1:
+            raise UserError("--overwrite: clear the folder from a single process, not from every rank")
+        for split in SPLITS:
+            shutil.rmtree(out / split, ignore_errors=True)
+        for name in (MANIFEST_NAME, CONFIG_NAME):
+            (out / name).unlink(missing_ok=True)
+        return
+    theirs = _dataset_digest(out)
+    if theirs is not None and theirs != digest(cfg):
+        raise UserError(
+            f"{out}: holds another dataset (config digest {theirs}, this config {digest(cfg)}); "
+            "use --overwrite to replace it, or another --out"
+        )
+
+
+def _dataset_digest(out: Path) -> Optional[str]:
+    for path in sorted(out.glob("*/shard-*.lmdb")):
+        with ShardReader(path, verify=False) as reader:
+            return reader.header["meta"].get("config_digest")
+    return None
+
+
+def missing_indices(cfg: SimulationConfig, out: Path) -> int:
+    """How many planned samples are not yet in any shard (all writers must have ended)."""
+    done = done_indices(out)
+    return sum(1 for split, rng in split_ranges(cfg).items() for i in rng if i not in done[split])
+
+
+def _missing_while_others_write(cfg: SimulationConfig, out: Path) -> Optional[int]:
+    """:func:`missing_indices` while other ranks may still write: None if unreadable now."""
+    try:
+        return missing_indices(cfg, out)
+    except (UserError, lmdb.Error):
+        return None
+
+
+def finalize(cfg: SimulationConfig, out: Path) -> dict:
+    """Write ``manifest.json`` from the shard headers once every sample is present."""
+    missing = missing_indices(cfg, out)
+    if missing:
+        raise UserError(
+            f"{out}: {missing} of {cfg.num_samples} samples are not written yet; "
+            "rerun stemnet simulate to finish them, then --finalize"
+        )
+    extra = {"simulation": cfg.model_dump(mode="json"), "param_names": param_names(cfg)}
+    return finalize_manifest(out, extra=extra)
+
+
+def generate(
+    cfg: SimulationConfig,
+    out: Path,
+    *,
+    workers: int = 1,
+    rank: int = 0,
+    world: int = 1,
+    overwrite: bool = False,
+    wait_s: float = 600.0,
+    progress: bool = True,
+) -> dict:
+    """Generate (or resume) the dataset in ``out``; returns a summary dict."""
+    if workers < 1:
+        raise UserError(f"--workers: expected a positive integer, got {workers}")
+    out = Path(out)
+    start = time.perf_counter()
+    if rank == 0:
+        check_output(cfg, out, overwrite, world)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(yaml.safe_dump({"simulation": cfg.model_dump(mode="json")}, sort_keys=False))
+    writers = workers * world
+    mine = [rank * workers + local for local in range(workers)]
+    total = sum(len(writer_indices(cfg, s, w, writers)) for s in SPLITS for w in mine)
+    done = done_indices(out)
+    bar = tqdm(total=total, desc=f"simulate[{rank}]" if world > 1 else "simulate", unit="sample",
+               disable=not progress, dynamic_ncols=True)
+    if workers == 1:
+        written = _write_shards(cfg, out, mine[0], writers, done, lambda n, resumed: bar.update(n))
+    else:
+        written = _run_workers(cfg, out, mine, writers, done, bar)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    summary = {"written": written, "planned": total, "seconds": elapsed,
+               "samples_per_s": written / elapsed if elapsed > 0 else 0.0, "finalized": False}
+    if rank == 0:
+        deadline = time.monotonic() + (wait_s if world > 1 else 0.0)
+        while _missing_while_others_write(cfg, out) != 0 and time.monotonic() < deadline:
+            time.sleep(2.0)
+        if _missing_while_others_write(cfg, out) == 0:
+            finalize(cfg, out)
+            summary["finalized"] = True
+        else:
+            log.warning("%s: other ranks are still writing; run `stemnet simulate --finalize %s` when they end", out, out)
+    return summary
+
+
+def _run_workers(cfg: SimulationConfig, out: Path, mine: Sequence[int], writers: int,
+                 done: Dict[str, set], bar) -> int:
+    ctx = mp.get_context("spawn")  # no forked TF/abTEM state; each worker imports afresh
+    messages = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(cfg.model_dump(mode="json"), str(out), w, writers, done, messages), daemon=True)
+        for w in mine
+    ]
+    for proc in procs:
+        proc.start()
+    finished, written, error = 0, 0, None
+    try:
+        while finished < len(procs) and error is None:
+            try:
+                kind, value = messages.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    error = f"a simulation worker died (exit code {dead[0].exitcode})"
+                continue
+            if kind == "progress":
+                count, resumed = value
+                bar.update(count)
+                written += 0 if resumed else count
+            elif kind == "done":
+                finished += 1
+            else:
+                error = value
+    finally:
+        if error is not None:
+            for proc in procs:
+                proc.terminate()
+        for proc in procs:
+            proc.join()
+    if error is not None:
+        raise UserError(error)
+    return written
