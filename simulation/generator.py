@@ -105,14 +105,8 @@ def _thickness_choices(cfg: SimulationConfig, glazer: str) -> List[int]:
     return choices
 
 
-def simulate_sample(cfg: SimulationConfig, index: int) -> tuple:
-    """Simulate sample ``index``: a pure function of (cfg.seed, index).
-
-    Returns ``(sample, params)``: a dict of float32 arrays shaped as :func:`fields`, and
-    the float64 parameter vector named by :func:`param_names`.
-    """
-    from simulation import multislice  # abTEM is imported only where it is used
-
+def draw_specimen(cfg: SimulationConfig, index: int):
+    """The specimen of sample ``index`` and the generator that draws the rest of it."""
     rng = np.random.default_rng([cfg.seed, index])
     names = cfg.specimen.materials
     material_index = int(rng.integers(len(names)))
@@ -127,62 +121,63 @@ def simulate_sample(cfg: SimulationConfig, index: int) -> tuple:
     )
     thickness = int(rng.choice(_thickness_choices(cfg, distortion["glazer"])))
     specimen = build_specimen(material, cfg.specimen.cells, thickness, zone=cfg.specimen.zone, **distortion)
+    return specimen, rng
+
+
+def measure(cfg: SimulationConfig, specimen, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    """Inputs (the configured measurement, with noise) and label maps of one specimen."""
+    from simulation import multislice  # abTEM is imported only where it is used
+
     phonon_seed = int(rng.integers(2**31))
-    mic = cfg.microscope
-    slice_ang = material.a / 2
+    mic, dist = cfg.microscope, cfg.distortion
+    slice_ang = specimen.params["a"] / 2
     fov = ((0.0, 0.0), (cfg.fov_ang, cfg.fov_ang))
     phonons = None
     if dist.phonon_rms_ang:
-        phonons = {el: dist.phonon_rms_ang.get(el, 0.0) for el in (material.A, material.B, material.X)}
-    common = dict(
-        sampling_ang=cfg.sampling_ang,
-        slice_thickness_ang=slice_ang,
-        phonon_rms_ang=phonons,
-        num_phonon_configs=dist.phonon_configs,
-        seed=phonon_seed,
-    )
-    probe = dict(
-        energy_ev=mic.energy_ev,
-        convergence_mrad=mic.convergence_mrad,
-        defocus_ang=mic.defocus_ang,
-        cs_ang=mic.cs_ang,
-    )
+        phonons = {el: dist.phonon_rms_ang.get(el, 0.0) for el in set(specimen.atoms.get_chemical_symbols())}
+    common = dict(sampling_ang=cfg.sampling_ang, slice_thickness_ang=slice_ang, phonon_rms_ang=phonons,
+                  num_phonon_configs=dist.phonon_configs, seed=phonon_seed)
+    probe = dict(energy_ev=mic.energy_ev, convergence_mrad=mic.convergence_mrad,
+                 defocus_ang=mic.defocus_ang, cs_ang=mic.cs_ang)
     if cfg.mode == "cbed":
-        inputs = multislice.cbed_stack(
-            specimen.atoms, grid=cfg.cbed.grid, fov_ang=fov, k=cfg.cbed.k,
-            max_angle_mrad=cfg.cbed.max_angle_mrad, **probe, **common,
-        )
+        gx, gy = cfg.cbed.grid
+        inputs = multislice.cbed_stack(specimen.atoms, grid=cfg.cbed.grid, fov_ang=fov, k=cfg.cbed.k,
+                                       max_angle_mrad=cfg.cbed.max_angle_mrad, **probe, **common)
+        pixel_area = (cfg.fov_ang / gx) * (cfg.fov_ang / gy)
     else:
-        inputs = multislice.stem_images(
-            specimen.atoms, detectors=cfg.stem.detectors, shape=cfg.output_shape, fov_ang=fov,
-            method=cfg.stem.method, **probe, **common,
-        )
-    if cfg.noise_dose_e_per_ang2:
+        inputs = multislice.stem_images(specimen.atoms, detectors=cfg.stem.detectors, shape=cfg.output_shape,
+                                        fov_ang=fov, method=cfg.stem.method, **probe, **common)
         pixel_area = (cfg.fov_ang / cfg.output_shape[0]) * (cfg.fov_ang / cfg.output_shape[1])
-        if cfg.mode == "cbed":
-            gx, gy = cfg.cbed.grid
-            pixel_area = (cfg.fov_ang / gx) * (cfg.fov_ang / gy)
+    if cfg.noise_dose_e_per_ang2:
         inputs = multislice.add_poisson_noise(inputs, cfg.noise_dose_e_per_ang2, pixel_area, rng)
-    potential = multislice.projected_potential(
-        specimen.atoms, shape=cfg.output_shape, fov_ang=fov,
-        sampling_ang=cfg.sampling_ang, slice_thickness_ang=slice_ang,
-    )
+    potential = multislice.projected_potential(specimen.atoms, shape=cfg.output_shape, fov_ang=fov,
+                                               sampling_ang=cfg.sampling_ang, slice_thickness_ang=slice_ang)
     cell = tuple(np.diag(specimen.atoms.cell.array)[:2])
-    displacement, columns = column_maps(
-        find_columns(specimen), cell_ang=cell, fov_ang=cfg.fov_ang,
-        shape=cfg.output_shape, sigma_ang=cfg.label_sigma_ang,
-    )
-    sample = {
+    displacement, columns = column_maps(find_columns(specimen), cell_ang=cell, fov_ang=cfg.fov_ang,
+                                        shape=cfg.output_shape, sigma_ang=cfg.label_sigma_ang)
+    return {
         cfg.mode: np.asarray(inputs, np.float32),
         "potential": np.asarray(potential, np.float32),
         "displacement": displacement,
         "columns": columns,
     }
-    params = [material_index, material.a, dist.glazer.index(distortion["glazer"])]
+
+
+def simulate_sample(cfg: SimulationConfig, index: int) -> tuple:
+    """Simulate sample ``index``: a pure function of (cfg.seed, index).
+
+    Returns ``(sample, params)``: a dict of float32 arrays shaped as :func:`fields`, and
+    the float64 parameter vector named by :func:`param_names`.
+    """
+    specimen, rng = draw_specimen(cfg, index)
+    sample = measure(cfg, specimen, rng)
+    p, mic = specimen.params, cfg.microscope
+    glazer = [parse_glazer(g)[0] for g in cfg.distortion.glazer]
+    values = [cfg.specimen.materials.index(p["material"]), p["a"], glazer.index(p["glazer"])]
     for key in VECTOR_PARAMS:
-        params += list(np.broadcast_to(np.asarray(distortion[key], float), 3))
-    params += [thickness, thickness * material.a, mic.energy_ev, mic.convergence_mrad, mic.defocus_ang, mic.cs_ang]
-    return sample, np.asarray(params, np.float64)
+        values += list(np.broadcast_to(np.asarray(p[key], float), 3))
+    values += [p["m"], p["m"] * p["a"], mic.energy_ev, mic.convergence_mrad, mic.defocus_ang, mic.cs_ang]
+    return sample, np.asarray(values, np.float64)
 
 
 # -------------------------------------------------------------------------- writing

@@ -34,12 +34,13 @@ def find_columns(specimen: Specimen, tolerance_ang: float = 0.05) -> Columns:
     keys = np.round(ideal_xy / tolerance_ang).astype(np.int64)
     keys = np.mod(keys, np.round(cell / tolerance_ang).astype(np.int64))
     table = np.column_stack([specimen.sublattice.astype(np.int64), keys])
-    unique, inverse = np.unique(table, axis=0, return_inverse=True)
+    unique, first, inverse = np.unique(table, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.ravel()
     counts = np.bincount(inverse, minlength=len(unique)).astype(np.float64)
     mean = np.stack([np.bincount(inverse, shift[:, c], len(unique)) for c in range(3)], axis=1)
     mean /= counts[:, None]
-    return Columns(unique[:, 1:] * tolerance_ang, unique[:, 0].astype(np.int8), mean)
+    # the exact ideal site of each column (its first atom's), not the rounded key
+    return Columns(ideal_xy[first], unique[:, 0].astype(np.int8), mean)
 
 
 def column_maps(
