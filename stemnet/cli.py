@@ -228,6 +228,54 @@ def simulate(config_file, out, overrides, workers, overwrite, finalize_dir, wait
     )
 
 
+# --------------------------------------------------------------------- inspect/stage
+@cli.command("inspect")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--verify", is_flag=True, help="Check every record's CRC-32 and every shard header against the manifest.")
+@click.option("--plot", "png", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a montage of a few samples to this PNG.")
+@click.option("-n", "--samples", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Samples in the --plot montage.")
+def inspect_command(directory, verify, png, samples):
+    """Describe the dataset in DIRECTORY: splits, shards, shapes, statistics, simulation config."""
+    from stemnet.stage import inspect_dataset, plot_samples
+
+    text, faults = inspect_dataset(directory, verify=verify)
+    click.echo(text)
+    if png is not None and not faults:
+        click.echo(f"plot: {plot_samples(directory, png, n=samples)}")
+    for fault in faults:
+        click.echo(f"fault: {fault}", err=True)
+    if faults:
+        raise UserError(f"{directory}: {len(faults)} fault(s); first: {faults[0]}")
+
+
+@cli.command("stage")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--to", "dest", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Node-local folder, e.g. /mnt/bb/$USER/data-{rank} ({rank} becomes the rank).")
+@click.option("--rank", type=click.IntRange(min=0), help="This rank (default: from jsrun/srun/mpirun).")
+@click.option("--world", type=click.IntRange(min=1), help="Number of ranks (default: from the launcher).")
+@click.option("--split", "splits", multiple=True, type=click.Choice(["train", "val", "test"]),
+              default=("train", "val"), show_default=True, help="Splits to stage (repeatable).")
+def stage_command(directory, dest, rank, world, splits):
+    """Copy this rank's shards and the manifest to node-local storage, CRC-verified."""
+    from stemnet.ranks import launcher_rank
+    from stemnet.stage import stage
+
+    if (rank is None) != (world is None):
+        raise click.UsageError("--rank and --world go together")
+    if rank is None:
+        try:
+            info = launcher_rank()
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        rank, world = info.rank, info.world
+    if rank >= world:
+        raise click.UsageError(f"--rank {rank}: expected a rank below --world {world}")
+    click.echo(stage(directory, dest, rank=rank, world=world, splits=splits))
+
+
 # ---------------------------------------------------------------------------- train
 @cli.command()
 @click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -243,10 +291,12 @@ def train(config_file, data_dir, run_dir, overrides, max_steps, no_progress) -> 
     """Train the model on DIR's shards (resumes RUN); run under horovodrun/jsrun for many ranks."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from stemnet.config import load_config
+    from stemnet.data import one_line_errors
     from stemnet.train.loop import train as run_training
 
     cfg = load_config(config_file, overrides, require=("model", "train"))
-    summary = run_training(cfg, data_dir, run_dir, progress=not no_progress, max_steps=max_steps)
+    with one_line_errors():
+        summary = run_training(cfg, data_dir, run_dir, progress=not no_progress, max_steps=max_steps)
     if summary.get("rank", 0) == 0:
         loss = summary["train_loss"].get("total", float("nan"))
         val = summary["val_loss"].get("total")
@@ -255,6 +305,32 @@ def train(config_file, data_dir, run_dir, overrides, max_steps, no_progress) -> 
             f"loss {loss:.4g}" + (f", val loss {val:.4g}" if val is not None else "")
             + f", {summary['samples_per_s']:.1f} samples/s, {summary['skipped_steps']} skipped steps; run in {run_dir}"
         )
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Dataset folder to evaluate on.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the metrics here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG: inputs, truth, prediction, error.")
+def evaluate(run_dir, data_dir, split, json_path, plot_path) -> None:
+    """Metrics of RUN's model beside the zero / mean / column-fit baselines."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.data import one_line_errors
+    from stemnet.evaluate import evaluate as run_evaluation
+    from stemnet.evaluate import format_table, write_json
+
+    with one_line_errors():
+        summary = run_evaluation(run_dir, data_dir, split, plot=plot_path)
+    click.echo(format_table(summary))
+    if json_path:
+        write_json(json_path, summary)
+    m = summary["metrics"]["model"]
+    click.echo(f"{summary['samples']} {split} samples: potential R2 {m.get('potential_r2', float('nan')):.3f}, "
+               f"displacement RMSE {m.get('displacement_rmse_all_ang', float('nan')):.4f} Å "
+               f"(zero baseline {summary['metrics']['zero'].get('displacement_rmse_all_ang', float('nan')):.4f} Å)")
 
 
 # ----------------------------------------------------------------------------- main

@@ -1,0 +1,1 @@
+"""Data-parallel training with Horovod: process set-up, gradient grouping, scaling model."""

@@ -1,0 +1,291 @@
+"""Evaluate a trained run on a split, beside the baselines, in physical units.
+
+Metrics
+-------
+potential (V·Å): R² (1 − SSE/SST over every pixel of the split), PSNR (dB, peak = the
+truth's range), SSIM (``tf.image.ssim`` with that range, 3×3 window: maps are small).
+
+displacement (Å), "at column sites": a label map holds Σ g_c·d_c (Gaussian g_c = 1 at
+column c's centre), so near a centre map / mask is the column's displacement. The RMSE
+per sublattice and component is taken over the pixels whose mask is ≥ 0.5 (the centre
+of each column), of (prediction − truth) / mask.
+
+tilt about the beam axis (degrees), from the O columns that are not B sites: for a
+tilt θ about z every such column moves ⊥ to its B–O–B bond by (a/2)·tan θ, so
+θ = atan(2·rms|d_xy| / a), per sample; reported as the mean absolute error of θ
+recovered from the prediction against θ recovered from the truth.
+
+Baselines, in the same table: ``zero`` (no displacement; the potential's training mean,
+a constant) and ``mean`` (the per-pixel mean maps of the training split); for STEM-image
+inputs also ``column-fit`` (classical: each column's centroid, fitted on the HAADF image
+for A and B and on the inverted ABF image for O, near its ideal site → dx, dy; it cannot
+give dz, nor a potential).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from stemnet.errors import UserError
+from stemnet.log import get_logger
+
+log = get_logger("evaluate")
+SUBLATTICES = ("A", "B", "O")
+COMPONENTS = ("dx", "dy", "dz")
+CENTRE = 0.5  # mask level that marks a column centre
+
+
+# ------------------------------------------------------------------------- metrics
+def r2(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Coefficient of determination over all pixels."""
+    truth = np.asarray(truth, np.float64)
+    sse = np.sum((np.asarray(pred, np.float64) - truth) ** 2)
+    sst = np.sum((truth - truth.mean()) ** 2)
+    return float(1.0 - sse / sst) if sst > 0 else float("nan")
+
+
+def psnr(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Peak signal-to-noise ratio (dB), peak = the truth's range."""
+    truth = np.asarray(truth, np.float64)
+    mse = np.mean((np.asarray(pred, np.float64) - truth) ** 2)
+    peak = truth.max() - truth.min()
+    return float(10 * math.log10(peak**2 / mse)) if mse > 0 else float("inf")
+
+
+def ssim(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Mean SSIM of (N, H, W, 1) maps, data range = the truth's range, 3×3 window."""
+    import tensorflow as tf
+
+    truth = np.asarray(truth, np.float32)
+    value = tf.image.ssim(tf.constant(truth), tf.constant(np.asarray(pred, np.float32)),
+                         max_val=float(truth.max() - truth.min()), filter_size=3)
+    return float(tf.reduce_mean(value))
+
+
+def column_rmse(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
+    """RMSE (Å) at column centres per sublattice/component; (N, H, W, 9) maps and mask."""
+    out = {}
+    for s, sub in enumerate(SUBLATTICES):
+        for c, comp in enumerate(COMPONENTS):
+            ch = 3 * s + c
+            m = mask[..., ch]
+            sel = m >= CENTRE
+            if not np.any(sel):
+                continue
+            err = (pred[..., ch][sel] - truth[..., ch][sel]) / m[sel]
+            out[f"{sub}_{comp}"] = float(np.sqrt(np.mean(err**2)))
+    return out
+
+
+def tilt_about_beam(disp: np.ndarray, mask: np.ndarray, a_ang: np.ndarray) -> np.ndarray:
+    """Per-sample tilt about z (degrees) from O columns that are not B sites."""
+    o_mask = mask[..., 6]
+    b_mask = mask[..., 3]
+    sel = (o_mask >= CENTRE) & (b_mask < 0.1)
+    dx = disp[..., 6] / np.maximum(o_mask, 1e-6)
+    dy = disp[..., 7] / np.maximum(o_mask, 1e-6)
+    tilts = []
+    for i in range(disp.shape[0]):
+        s = sel[i]
+        rms = math.sqrt(float(np.mean(dx[i][s] ** 2 + dy[i][s] ** 2))) if np.any(s) else 0.0
+        tilts.append(math.degrees(math.atan(2 * rms / float(a_ang[i]))))
+    return np.asarray(tilts)
+
+
+def score(truth: Dict[str, np.ndarray], pred: Dict[str, np.ndarray], a_ang: np.ndarray) -> dict:
+    """All metrics of one predictor (dict maps in physical units, channels-last)."""
+    result: dict = {}
+    if "potential" in truth and "potential" in pred:
+        result["potential_r2"] = r2(truth["potential"], pred["potential"])
+        result["potential_psnr_db"] = psnr(truth["potential"], pred["potential"])
+        result["potential_ssim"] = ssim(truth["potential"], pred["potential"])
+    if "displacement" in truth and "displacement" in pred:
+        mask = truth["displacement_mask"]
+        per = column_rmse(truth["displacement"], pred["displacement"], mask)
+        result["displacement_rmse_ang"] = per
+        result["displacement_rmse_all_ang"] = float(np.sqrt(np.mean(np.square(list(per.values())))))
+        tilt_true = tilt_about_beam(truth["displacement"], mask, a_ang)
+        tilt_pred = tilt_about_beam(pred["displacement"], mask, a_ang)
+        result["tilt_mae_deg"] = float(np.mean(np.abs(tilt_pred - tilt_true)))
+    return result
+
+
+# ----------------------------------------------------------------------- baselines
+def column_fit(images: np.ndarray, channel_names: List[str], mask: np.ndarray, radius_px: float = 1.5) -> np.ndarray:
+    """Classical column fitting on STEM images → displacement maps (N, H, W, 9), dz = 0.
+
+    For each column (a local maximum of the truth mask, i.e. its ideal site), the
+    intensity-weighted centroid within ``radius_px`` of the site on the HAADF image (A, B)
+    or the inverted ABF image (O) gives (dx, dy); the map is drawn back with the mask's
+    Gaussians (value × mask), like the labels. Pixel size: 1 (returns pixels); the caller
+    scales to Å.
+    """
+    names = [n.lower() for n in channel_names]
+    if "haadf" not in names:
+        raise UserError(f"column-fit baseline needs a HAADF channel; inputs are {channel_names}")
+    haadf = images[..., names.index("haadf")]
+    abf = -images[..., names.index("abf")] if "abf" in names else haadf
+    n, h, w, _ = mask.shape
+    out = np.zeros((n, h, w, 9), np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        for s in range(3):
+            m = mask[i, :, :, 3 * s]
+            image = abf[i] if s == 2 else haadf[i]
+            for (r, c) in _local_maxima(m):
+                near = (yy - r) ** 2 + (xx - c) ** 2 <= radius_px**2
+                weights = np.clip(image[near] - image[near].min(), 0, None)
+                if weights.sum() <= 0:
+                    continue
+                dy = float(np.sum(weights * yy[near]) / weights.sum() - r)
+                dx = float(np.sum(weights * xx[near]) / weights.sum() - c)
+                region = (yy - r) ** 2 + (xx - c) ** 2 <= (2 * radius_px) ** 2
+                out[i, region, 3 * s] += dx * m[region]
+                out[i, region, 3 * s + 1] += dy * m[region]
+    return out
+
+
+def _local_maxima(m: np.ndarray, level: float = CENTRE) -> List[tuple]:
+    """(row, col) of pixels that are ≥ level and ≥ their 8 neighbours (column centres)."""
+    padded = np.pad(m, 1, constant_values=-np.inf)
+    centre = padded[1:-1, 1:-1]
+    neighbours = [padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
+                  for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    peak = (centre >= level) & np.all([centre >= nb for nb in neighbours], axis=0)
+    return list(zip(*np.nonzero(peak)))
+
+
+# ------------------------------------------------------------------------- driver
+def _collect(dataset, model, norm) -> tuple:
+    """Run the model over a dataset: physical-unit truth, prediction, raw inputs, params."""
+    truth: Dict[str, list] = {}
+    pred: Dict[str, list] = {}
+    inputs, params = [], []
+    for x, targets in dataset:
+        keep = targets["weight"].numpy() > 0
+        outputs = model(x, training=False)
+        phys_pred = norm.denormalize({k: v.numpy() for k, v in outputs.items()})
+        phys_true = norm.denormalize({k: targets[k].numpy() for k in outputs})
+        for key in outputs:
+            truth.setdefault(key, []).append(phys_true[key][keep])
+            pred.setdefault(key, []).append(phys_pred[key][keep])
+        if "displacement_mask" in targets:
+            truth.setdefault("displacement_mask", []).append(targets["displacement_mask"].numpy()[keep])
+        inputs.append(x.numpy()[keep])
+        params.append(targets["params"].numpy()[keep])
+    cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}  # noqa: E731
+    return cat(truth), cat(pred), np.concatenate(inputs), np.concatenate(params)
+
+
+def _training_means(data_dir, info, norm, batch_size) -> Dict[str, np.ndarray]:
+    """Per-pixel mean maps of the training split (physical units)."""
+    from stemnet.data import make_dataset
+
+    ds = make_dataset(data_dir, "train", batch_size=batch_size, targets=info["targets"], shuffle=False,
+                      normalization=norm)
+    sums: Dict[str, np.ndarray] = {}
+    count = 0.0
+    for _, targets in ds:
+        w = targets["weight"].numpy()
+        phys = norm.denormalize({k: targets[k].numpy() for k in info["targets"]})
+        for key, value in phys.items():
+            sums[key] = sums.get(key, 0.0) + np.tensordot(w, value, axes=1)
+        count += float(w.sum())
+    return {k: v / max(count, 1.0) for k, v in sums.items()}
+
+
+def evaluate(run_dir, data_dir, split: str = "test", *, batch_size: int = 16,
+             plot: Optional[Path] = None) -> dict:
+    """Metrics of the run's model and of the baselines on ``split`` of ``data_dir``."""
+    from stemnet.data import Normalization, make_dataset
+    from stemnet.shards import read_manifest
+    from stemnet.train.run import load_run
+
+    model, cfg, info, norm_dict = load_run(run_dir)
+    norm = Normalization.from_dict(norm_dict)
+    manifest = read_manifest(data_dir)
+    names = manifest["param_names"]
+    if "a_ang" not in names:
+        raise UserError(f"{data_dir}: parameter 'a_ang' missing; expected a stemnet simulation dataset")
+    ds = make_dataset(data_dir, split, batch_size=batch_size, targets=info["targets"], shuffle=False,
+                      normalization=norm, include_params=True)
+    truth, pred, inputs, params = _collect(ds, model, norm)
+    a_ang = params[:, names.index("a_ang")]
+    n = len(a_ang)
+    results = {"model": score(truth, pred, a_ang)}
+    zero = {}
+    if "potential" in truth:
+        zero["potential"] = np.full_like(truth["potential"], norm.potential_mean)
+    if "displacement" in truth:
+        zero["displacement"] = np.zeros_like(truth["displacement"])
+    results["zero"] = score(truth, zero, a_ang)
+    means = _training_means(data_dir, info, norm, batch_size)
+    results["mean"] = score(truth, {k: np.broadcast_to(v, truth[k].shape) for k, v in means.items()}, a_ang)
+    if info["input_field"] == "stem" and "displacement" in truth:
+        channels = list(manifest.get("extra", {}).get("simulation", {}).get("stem", {}).get("detectors", {}))
+        raw = norm.denormalize_inputs(inputs)
+        fit = column_fit(raw, channels, truth["displacement_mask"])
+        fov = manifest["extra"]["simulation"]["fov_ang"]
+        fit *= fov / truth["displacement"].shape[2]  # pixels → Å
+        results["column-fit"] = score(truth, {"displacement": fit}, a_ang)
+    summary = {"run": str(run_dir), "data": str(data_dir), "split": split, "samples": n, "metrics": results}
+    if plot is not None:
+        plot_predictions(plot, inputs, truth, pred)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The metrics as a text table: one row per predictor."""
+    rows = []
+    header = f"{'predictor':<11} {'pot R2':>8} {'PSNR dB':>8} {'SSIM':>6} {'disp RMSE Å':>12} {'tilt MAE °':>10}"
+    rows.append(header)
+    rows.append("-" * len(header))
+    for name, m in summary["metrics"].items():
+        def fmt(key, spec):
+            value = m.get(key)
+            return format(value, spec) if isinstance(value, (int, float)) else "-"
+        rows.append(f"{name:<11} {fmt('potential_r2', '8.3f'):>8} {fmt('potential_psnr_db', '8.2f'):>8} "
+                    f"{fmt('potential_ssim', '6.3f'):>6} {fmt('displacement_rmse_all_ang', '12.4f'):>12} "
+                    f"{fmt('tilt_mae_deg', '10.2f'):>10}")
+    return "\n".join(rows)
+
+
+def plot_predictions(path: Path, inputs, truth, pred, n: int = 3) -> None:
+    """Figure: per sample, input, truth, prediction and error of each map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = [k for k in ("potential", "displacement") if k in pred]
+    n = min(n, len(inputs))
+    cols = 1 + 3 * len(heads)
+    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(inputs[i, ..., 0], cmap="gray")
+        axes[i, 0].set_title("input" if i == 0 else "")
+        for h, head in enumerate(heads):
+            ch = 0 if head == "potential" else 3  # displacement: B_dx
+            t, p = truth[head][i, ..., ch], pred[head][i, ..., ch]
+            label = "V·Å" if head == "potential" else "B dx Å"
+            for j, (img, title, cmap) in enumerate([(t, "truth", "viridis"), (p, "prediction", "viridis"),
+                                                    (p - t, "error", "coolwarm")]):
+                ax = axes[i, 1 + 3 * h + j]
+                im = ax.imshow(img, cmap=cmap)
+                ax.set_title(f"{head} {title}\n({label})" if i == 0 else "", fontsize=8)
+                fig.colorbar(im, ax=ax, fraction=0.046)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_json(path: Path, summary: dict) -> None:
+    Path(path).write_text(json.dumps(summary, indent=1) + "\n")

@@ -1,0 +1,1 @@
+"""Training: losses, schedules, optimizers, checkpoints, and the loop itself."""
