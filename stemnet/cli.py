@@ -333,6 +333,28 @@ def evaluate(run_dir, data_dir, split, json_path, plot_path) -> None:
                f"(zero baseline {summary['metrics']['zero'].get('displacement_rmse_all_ang', float('nan')):.4f} Å)")
 
 
+# --------------------------------------------------------------------------- submit
+@cli.command("submit")
+@click.argument("task", type=click.Choice(["simulate", "train"]))
+@click.option("--machine", required=True, metavar="NAME|FILE", help="Machine profile (configs/machines/NAME.yaml) or a YAML file.")
+@click.option("--nodes", type=int, required=True, help="Nodes per job.")
+@click.option("--walltime", metavar="HH:MM", help="Walltime per job (required except on local).")
+@click.option("--project", metavar="ID", help="Allocation to charge (LSF -P, Slurm -A).")
+@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), help="train: dataset folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="simulate: dataset folder; train: run folder.")
+@click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+@click.option("--chain", type=int, default=1, show_default=True, help="K jobs, each after the previous has ended.")
+@click.option("--dry-run", is_flag=True, help="Write and print the script; submit nothing.")
+@click.pass_context
+def submit(ctx, **kwargs):
+    """Render a batch script for TASK on a machine and submit it (saved in OUT/jobs/ either way)."""
+    from stemnet.jobs import submit_command
+
+    ctx.invoke(submit_command, **kwargs)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     """Entry point: one-line errors for bad input, exit codes 0 / 1 / 2."""
