@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
-import numpy as np
 
 from stemnet.config import Config
 from stemnet.errors import UserError
@@ -106,8 +105,9 @@ def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: O
     from stemnet.models import build_model
     from stemnet.shards import read_manifest
     from stemnet.train.losses import total_loss
-    from stemnet.train.optim import all_finite, build_optimizer, transform_gradients
+    from stemnet.train.optim import build_optimizer
     from stemnet.train.schedule import WarmupDecay
+    from stemnet.train.step import make_train_step
 
     tcfg, dcfg, hcfg = cfg.train, cfg.data, cfg.distributed
     hvd = init_horovod(hcfg)
@@ -123,15 +123,14 @@ def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: O
     tf.random.set_seed(tcfg.seed + rank)
     _set_precision(tcfg.precision)
     model = build_model(cfg.model, tuple(info["input_shape"]), tuple(info["output_shape"]))
-    variables = model.trainable_variables
     lr = WarmupDecay(tcfg.learning_rate * world, tcfg.steps, tcfg.warmup_steps, tcfg.schedule)
     opt = build_optimizer(tcfg, lr)
-    opt.build(variables)  # slots exist before the first step: restore/broadcast see them
+    opt.build(model.trainable_variables)  # slots exist before the first step: restore/broadcast see them
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
     ema = tf.train.ExponentialMovingAverage(tcfg.ema_decay) if tcfg.ema_decay else None
     if ema is not None:
-        ema.apply(variables)
+        ema.apply(model.trainable_variables)
     ckpt = tf.train.Checkpoint(model=model, optimizer=opt, step=step, skipped=skipped,
                                **({"ema": ema} if ema is not None else {}))
     manager = tf.train.CheckpointManager(ckpt, str(run / runfiles.CHECKPOINTS), max_to_keep=tcfg.keep_checkpoints)
@@ -163,43 +162,13 @@ def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: O
 
     groups = make_groups(model, hcfg.grouping, group_bytes=int(hcfg.group_bytes_mib * 2**20),
                          first_group_bytes=int(hcfg.first_group_bytes_mib * 2**20))
-    compression = hvd.Compression.fp16 if hcfg.compression == "fp16" else hvd.Compression.none
-    op = hvd.Adasum if hcfg.op == "adasum" else hvd.Average
     fp16 = tcfg.precision == "mixed_float16"
     if world > 1:
         log.info("gradient grouping %s: %s", hcfg.grouping, describe(groups))
 
-    # ---- the step
-    @tf.function
-    def train_step(inputs, targets):
-        with tf.GradientTape() as tape:
-            outputs = model(inputs, training=True)
-            losses = total_loss(tcfg.loss, targets, outputs, tcfg.head_weights)
-            objective = opt.get_scaled_loss(losses["total"]) if fp16 else losses["total"]
-        if world > 1:
-            tape = hvd.DistributedGradientTape(
-                tape, compression=compression, op=op, groups=groups,
-                gradient_predivide_factor=hcfg.gradient_predivide_factor,
-            )
-        grads = tape.gradient(objective, variables)
-        if fp16:
-            grads = opt.get_unscaled_gradients(grads)
-        finite = all_finite(grads)  # after the allreduce: every rank decides the same
-        grads = transform_gradients(grads, variables, tcfg, lr(opt.iterations))
-
-        def apply():
-            opt.apply_gradients(zip(grads, variables))
-            if ema is not None:
-                ema.apply(variables)
-            return tf.constant(0, tf.int64)
-
-        if fp16:  # the LossScaleOptimizer skips non-finite steps and lowers the scale itself
-            apply()
-            skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
-        else:
-            skipped.assign_add(tf.cond(finite, apply, lambda: tf.constant(1, tf.int64)))
-        step.assign_add(1)
-        return losses
+    # ---- the step (stemnet.train.step)
+    train_step = make_train_step(model, opt, lr, tcfg, step=step, skipped=skipped, hvd=hvd, hcfg=hcfg,
+                                 groups=groups, ema=ema)
 
     @tf.function
     def eval_step(inputs, targets):
