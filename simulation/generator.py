@@ -72,6 +72,7 @@ def param_names(cfg: SimulationConfig) -> List[str]:
         names += [f"{key}_{axis}" for axis in "xyz"]
     return names + [
         "thickness_cells", "thickness_ang", "energy_ev", "convergence_mrad", "defocus_ang", "cs_ang",
+        "offset_x_ang", "offset_y_ang",
     ]
 
 
@@ -120,8 +121,27 @@ def draw_specimen(cfg: SimulationConfig, index: int):
         polar_B_max_ang=dist.polar_B_ang,
     )
     thickness = int(rng.choice(_thickness_choices(cfg, distortion["glazer"])))
+    if dist.polar_in_plane:
+        for key in ("polar_A_ang", "polar_B_ang"):
+            distortion[key] = (distortion[key][0], distortion[key][1], 0.0)
     specimen = build_specimen(material, cfg.specimen.cells, thickness, zone=cfg.specimen.zone, **distortion)
+    if cfg.random_offset:
+        specimen = translate(specimen, rng.uniform(0.0, material.a, size=2))
     return specimen, rng
+
+
+def translate(specimen, shift_ang) -> "Specimen":
+    """The same crystal moved by ``-shift_ang`` (x, y; Å), wrapped into its periodic cell:
+    the field of view [0, fov) then starts at ``shift_ang`` of the original crystal."""
+    from simulation.structures import Specimen
+
+    cell = np.diag(specimen.atoms.cell.array)
+    offset = np.array([shift_ang[0], shift_ang[1], 0.0])
+    ideal = np.mod(specimen.ideal_positions - offset, cell)
+    atoms = specimen.atoms.copy()
+    atoms.positions = ideal + (specimen.atoms.positions - specimen.ideal_positions)
+    params = dict(specimen.params, offset_ang=(float(shift_ang[0]), float(shift_ang[1])))
+    return Specimen(atoms=atoms, ideal_positions=ideal, sublattice=specimen.sublattice, params=params)
 
 
 def measure(cfg: SimulationConfig, specimen, rng: np.random.Generator) -> Dict[str, np.ndarray]:
@@ -177,6 +197,7 @@ def simulate_sample(cfg: SimulationConfig, index: int) -> tuple:
     for key in VECTOR_PARAMS:
         values += list(np.broadcast_to(np.asarray(p[key], float), 3))
     values += [p["m"], p["m"] * p["a"], mic.energy_ev, mic.convergence_mrad, mic.defocus_ang, mic.cs_ang]
+    values += list(p.get("offset_ang", (0.0, 0.0)))
     return sample, np.asarray(values, np.float64)
 
 

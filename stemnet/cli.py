@@ -419,6 +419,76 @@ def submit(ctx, **kwargs):
     ctx.invoke(submit_command, **kwargs)
 
 
+# ---------------------------------------------------------------------------- bench
+@cli.group()
+def bench() -> None:
+    """Benchmarks: ratios measured side by side in one run (see README, Performance)."""
+
+
+def _print_ratios(result: dict, json_path) -> None:
+    from stemnet.bench import write
+
+    for key, value in result.items():
+        if isinstance(value, float):
+            click.echo(f"{key}: {value:.4g}")
+    write(result, json_path)
+    if json_path:
+        click.echo(f"written to {json_path}")
+
+
+JSON_OPTION = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+                           help="Also write the figures as JSON.")
+
+
+@bench.command("simulate")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Simulation config (cbed mode)  [default: configs/simulation/bench.yaml].")
+@JSON_OPTION
+def bench_simulate_cmd(config_file, json_path) -> None:
+    """Generator CBED patterns/s vs a bare FFT multislice loop and naive abTEM."""
+    from stemnet.bench import REPO, bench_simulate
+
+    _print_ratios(bench_simulate(config_file or REPO / "configs/simulation/bench.yaml"), json_path)
+
+
+@bench.command("data")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Training config  [default: configs/training/demo.yaml].")
+@JSON_OPTION
+def bench_data_cmd(data_dir, config_file, json_path) -> None:
+    """Input pipeline samples/s vs raw LMDB, h5py, and the training step."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.bench import REPO, bench_data_pipeline
+
+    _print_ratios(bench_data_pipeline(data_dir, config_file or REPO / "configs/training/demo.yaml"), json_path)
+
+
+@bench.command("train")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Training config  [default: configs/training/demo.yaml].")
+@JSON_OPTION
+def bench_train_cmd(data_dir, config_file, json_path) -> None:
+    """Our training step vs Keras model.fit, and mixed_bfloat16 vs float32."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.bench import REPO, bench_train
+
+    _print_ratios(bench_train(data_dir, config_file or REPO / "configs/training/demo.yaml"), json_path)
+
+
+@bench.command("grouping")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Training config  [default: configs/training/demo.yaml].")
+@click.option("--input-shape", callback=_shape_option(3), metavar="H,W,C", default="16,16,2", show_default=True)
+@JSON_OPTION
+def bench_grouping_cmd(config_file, input_shape, json_path) -> None:
+    """2 ranks over Gloo: step time per grouping strategy vs none; 2 ranks vs 1."""
+    from stemnet.bench import REPO, bench_grouping
+
+    _print_ratios(bench_grouping(config_file or REPO / "configs/training/demo.yaml", input_shape), json_path)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     """Entry point: one-line errors for bad input, exit codes 0 / 1 / 2."""

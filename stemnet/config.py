@@ -71,6 +71,7 @@ class DistortionConfig(Section):
     tilt_deg: Tuple[NonNegativeFloat, NonNegativeFloat] = (0.0, 12.0)
     polar_A_ang: NonNegativeFloat = 0.0
     polar_B_ang: NonNegativeFloat = 0.0
+    polar_in_plane: bool = False  # polar vectors drawn in the x-y plane (dz = 0)
     phonon_rms_ang: Dict[str, NonNegativeFloat] = Field(default_factory=dict)
     phonon_configs: PositiveInt = 1
 
@@ -132,6 +133,7 @@ class SimulationConfig(Section):
     microscope: MicroscopeConfig = Field(default_factory=MicroscopeConfig)
     sampling_ang: PositiveFloat = 0.05
     fov_ang: PositiveFloat = 7.81
+    random_offset: bool = False  # translate each specimen by a random in-cell shift (for tiling)
     output_shape: Tuple[PositiveInt, PositiveInt] = (32, 32)
     label_sigma_ang: PositiveFloat = 0.3
     noise_dose_e_per_ang2: Optional[PositiveFloat] = None

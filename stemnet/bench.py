@@ -1,0 +1,194 @@
+"""Benchmarks: ratios measured side by side in one run, on the same data.
+
+Each function returns a dict (the ``--json`` payload) whose ``ratio_*`` keys are the
+figures the README reports. Nothing here asserts a speed: tests do not time things.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rate(fn, count: int, repeats: int = 3) -> float:
+    """Best of ``repeats``: ``count`` items / seconds of ``fn()``."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return count / best
+
+
+# ----------------------------------------------------------------------- simulate
+def bench_simulate(config=REPO / "configs/simulation/bench.yaml", samples: int = 4, naive_grid=(2, 2)) -> dict:
+    """CBED patterns/s of the generator vs a bare scipy.fft multislice loop and naive abTEM.
+
+    All three run single-threaded in this process on the same specimen, grid and slices;
+    the generator's rate includes the potential, the labels and the shard-ready arrays.
+    The naive rate is per pattern on a ``naive_grid`` subset (one multislice call each).
+    """
+    from simulation import multislice
+    from simulation.generator import draw_specimen, simulate_sample
+    from stemnet.config import load_config
+
+    cfg = load_config(config, require=("simulation",)).simulation
+    gx, gy = cfg.cbed.grid
+    specimen, _ = draw_specimen(cfg, 0)
+    common = dict(energy_ev=cfg.microscope.energy_ev, convergence_mrad=cfg.microscope.convergence_mrad,
+                  fov_ang=((0, 0), (cfg.fov_ang, cfg.fov_ang)), k=cfg.cbed.k,
+                  max_angle_mrad=cfg.cbed.max_angle_mrad, sampling_ang=cfg.sampling_ang,
+                  slice_thickness_ang=specimen.params["a"] / 2)
+    simulate_sample(cfg, 0)  # warm-up: numba compilation, FFTW plans
+    ours = _rate(lambda: [simulate_sample(cfg, i) for i in range(samples)], samples * gx * gy, repeats=2)
+    floor = _rate(lambda: multislice.fft_floor_cbed(specimen.atoms, grid=(gx, gy), **common), gx * gy, repeats=2)
+    nx, ny = naive_grid
+    naive = _rate(lambda: multislice.naive_abtem_cbed(specimen.atoms, grid=(nx, ny), **common), nx * ny, repeats=1)
+    return {
+        "config": str(config),
+        "grid": [gx, gy], "k": cfg.cbed.k, "slices": int(round(specimen.params["m"] * 2)),
+        "generator_patterns_per_s": ours,
+        "fft_floor_patterns_per_s": floor,
+        "naive_abtem_patterns_per_s": naive,
+        "ratio_vs_fft_floor": ours / floor,
+        "ratio_vs_naive_abtem": ours / naive,
+    }
+
+
+# ---------------------------------------------------------------------------- train
+def _cached_batches(data_dir, cfg, n: int):
+    import tensorflow as tf
+
+    from stemnet.data import make_dataset
+
+    ds = make_dataset(data_dir, "train", batch_size=cfg.train.batch_size, targets=cfg.data.targets,
+                      shuffle=True, repeat=True, augment=False)
+    return list(ds.take(n)), tf
+
+
+def bench_train(data_dir, config=REPO / "configs/training/demo.yaml", steps: int = 30) -> dict:
+    """samples/s of our training step vs Keras ``model.fit`` (same model, data, batch),
+    and of our step in mixed_bfloat16 vs float32. Batches are decoded once and cached in
+    memory so that only the step is timed."""
+    from stemnet.config import load_config
+    from stemnet.models import build_model
+    from stemnet.train.loop import data_info
+    from stemnet.shards import read_manifest
+    from stemnet.train.optim import build_optimizer
+    from stemnet.train.step import make_train_step
+
+    cfg = load_config(config, require=("model", "train"))
+    info = data_info(read_manifest(data_dir), cfg.data.targets)
+    batches, tf = _cached_batches(data_dir, cfg, 8)
+    batch = cfg.train.batch_size
+    shapes = (tuple(info["input_shape"]), tuple(info["output_shape"]))
+
+    def ours(policy: str) -> float:
+        tf.keras.mixed_precision.set_global_policy(policy)
+        tf.keras.utils.set_random_seed(0)
+        model = build_model(cfg.model, *shapes)
+        tcfg = cfg.train.model_copy(update={"precision": policy})
+        opt = build_optimizer(tcfg, tcfg.learning_rate)
+        opt.build(model.trainable_variables)
+        step = make_train_step(model, opt, lambda it: tf.constant(tcfg.learning_rate), tcfg,
+                               step=tf.Variable(0, dtype=tf.int64), skipped=tf.Variable(0, dtype=tf.int64))
+
+        def run(n):
+            for i in range(n):
+                x, y = batches[i % len(batches)]
+                losses = step(x, y)
+            float(losses["total"])
+
+        run(3)
+        return _rate(lambda: run(steps), steps * batch)
+
+    def keras_fit() -> float:
+        tf.keras.mixed_precision.set_global_policy("float32")
+        tf.keras.utils.set_random_seed(0)
+        model = build_model(cfg.model, *shapes)
+        model.compile(optimizer=tf.keras.optimizers.Adam(cfg.train.learning_rate),
+                      loss={head: "mse" for head in cfg.model.heads},
+                      loss_weights=dict(cfg.train.head_weights))
+        xs = tf.concat([x for x, _ in batches], 0)
+        ys = {h: tf.concat([y[h] for _, y in batches], 0) for h in cfg.model.heads}
+        data = tf.data.Dataset.from_tensor_slices((xs, ys)).batch(batch).repeat()
+        model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)
+        return _rate(lambda: model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0), steps * batch)
+
+    fit = keras_fit()
+    fp32 = ours("float32")
+    bf16 = ours("mixed_bfloat16")
+    tf.keras.mixed_precision.set_global_policy("float32")
+    return {
+        "config": str(config), "batch": batch, "input_shape": list(shapes[0]),
+        "ours_float32_samples_per_s": fp32, "keras_fit_samples_per_s": fit,
+        "ours_bfloat16_samples_per_s": bf16,
+        "ratio_vs_keras_fit": fp32 / fit,
+        "ratio_bf16_vs_fp32": bf16 / fp32,
+    }
+
+
+# ----------------------------------------------------------------------------- data
+def bench_data_pipeline(data_dir, config=REPO / "configs/training/demo.yaml", batches: int = 200,
+                        train_step_rate: Optional[float] = None) -> dict:
+    """The input pipeline vs a raw LMDB read, an h5py file, and the training step."""
+    from stemnet.config import load_config
+    from stemnet.data import bench_data
+
+    cfg = load_config(config, require=("model", "train"))
+    if train_step_rate is None:
+        train_step_rate = bench_train(data_dir, config, steps=20)["ours_float32_samples_per_s"]
+    return bench_data(data_dir, batch_size=cfg.train.batch_size, batches=batches,
+                      train_step_rate=train_step_rate, augment=cfg.data.augment,
+                      verify_crc=cfg.data.verify_crc)
+
+
+# ------------------------------------------------------------------------- grouping
+def _steptime(np_ranks: int, model_config, input_shape, batch, steps, strategies) -> list:
+    cmd = [sys.executable, "-m", "stemnet.distributed.steptime", "--model", str(model_config),
+           "--input-shape", ",".join(map(str, input_shape)), "--batch", str(batch), "--steps", str(steps),
+           *strategies]
+    if np_ranks > 1:
+        horovodrun = str(Path(sys.executable).parent / "horovodrun")
+        cmd = [horovodrun, "-np", str(np_ranks), "-H", f"localhost:{np_ranks}", "--gloo"] + cmd
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"steptime on {np_ranks} rank(s) failed: {proc.stderr[-2000:]}")
+    rows = []
+    for line in proc.stdout.splitlines():
+        start = line.find("{")
+        if start >= 0 and '"strategy"' in line:
+            rows.append(json.loads(line[start:]))
+    return rows
+
+
+def bench_grouping(config=REPO / "configs/training/demo.yaml", input_shape=(16, 16, 2), batch: int = 16,
+                   steps: int = 20, strategies=("none", "count:4", "layer", "graph")) -> dict:
+    """2 ranks over Gloo: step time per strategy relative to ``none``, and 2 vs 1 rank."""
+    two = {r["strategy"]: r for r in _steptime(2, config, input_shape, batch, steps, strategies)}
+    one = {r["strategy"]: r for r in _steptime(1, config, input_shape, batch, steps, ["none"])}
+    result = {"config": str(config), "input_shape": list(input_shape), "batch_per_rank": batch,
+              "np2": two, "np1": one}
+    for strategy in strategies:
+        if strategy != "none":
+            key = "ratio_" + strategy.replace(":", "") + "_vs_none"
+            result[key] = two[strategy]["step_s"] / two["none"]["step_s"]
+    best = min(two.values(), key=lambda r: r["step_s"])
+    result["efficiency_np2"] = two["none"]["samples_per_s"] / (2 * one["none"]["samples_per_s"])
+    result["efficiency_np2_best"] = best["samples_per_s"] / (2 * one["none"]["samples_per_s"])
+    result["best_strategy"] = best["strategy"]
+    return result
+
+
+def write(result: dict, path: Optional[Path]) -> None:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1) + "\n")

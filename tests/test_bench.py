@@ -1,0 +1,36 @@
+"""The benchmarks run and report their ratios (figures are not asserted: speed is not tested)."""
+
+import math
+
+import pytest
+
+from stemnet.bench import bench_grouping, bench_simulate, bench_train
+
+from conftest import REPO, TINY_SIMULATION, TINY_TRAINING
+
+
+def finite_positive(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_bench_simulate_reports_both_ratios():
+    result = bench_simulate(TINY_SIMULATION, samples=1, naive_grid=(1, 1))
+    for key in ("ratio_vs_fft_floor", "ratio_vs_naive_abtem", "generator_patterns_per_s"):
+        assert finite_positive(result[key]), key
+    assert result["ratio_vs_fft_floor"] == pytest.approx(
+        result["generator_patterns_per_s"] / result["fft_floor_patterns_per_s"])
+
+
+def test_bench_train_reports_both_ratios(tiny_dataset):
+    result = bench_train(tiny_dataset, TINY_TRAINING, steps=2)
+    assert finite_positive(result["ratio_vs_keras_fit"]) and finite_positive(result["ratio_bf16_vs_fp32"])
+    assert result["batch"] == 4 and result["input_shape"] == [16, 16, 9]
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+def test_bench_grouping_runs_two_ranks():
+    result = bench_grouping(REPO / "configs/training/tiny.yaml", (16, 16, 2), batch=4, steps=2)
+    assert result["np2"]["graph"]["world"] == 2 and result["np1"]["none"]["world"] == 1
+    for key in ("ratio_count4_vs_none", "ratio_layer_vs_none", "ratio_graph_vs_none", "efficiency_np2"):
+        assert finite_positive(result[key]), key
