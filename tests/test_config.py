@@ -121,3 +121,17 @@ def test_unknown_material_in_specimen(tmp_path):
     path = write(tmp_path, "simulation:\n  specimen: {materials: [SrTiO3, Unobtainium]}\n")
     with pytest.raises(ConfigError, match=r"simulation\.specimen\.materials: unknown material 'Unobtainium'"):
         load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_validates(path):
+    """Every config in configs/ loads; simulation/training/model files have their section and a comment."""
+    if path.parent.name == "machines":
+        from stemnet.jobs import load_machine
+
+        assert load_machine(path.stem).name
+        return
+    section = {"simulation": "simulation", "training": "train", "model": "model"}[path.parent.name]
+    cfg = load_config(path, require=(section,))
+    assert getattr(cfg, section) is not None
+    assert path.read_text().startswith("#"), f"{path}: first line should say what the config is for"
