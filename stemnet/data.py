@@ -177,8 +177,9 @@ class Normalization:
     - STEM (``kind="stem"``): ``standardize`` each detector channel with the dataset's
       per-channel mean and std; or ``none``.
     - potential: ``(v - mean) / std`` with the dataset's statistics.
-    - displacement: unchanged, in Å (the mask makes its loss local to columns, and Å
-      keep its error interpretable; they are O(0.1) already).
+    - displacement: divided by ``displacement_scale`` (Å), the root-mean-square
+      displacement at column sites estimated from the statistics (``sqrt(E[d²] /
+      E[columns])``), so the network regresses O(1) numbers; :meth:`denormalize` gives Å.
     """
 
     kind: str
@@ -188,6 +189,7 @@ class Normalization:
     channel_std: Tuple[float, ...] = ()
     potential_mean: float = 0.0
     potential_std: float = 1.0
+    displacement_scale: float = 1.0
 
     def __post_init__(self):
         allowed = CBED_NORMALIZATIONS if self.kind == "cbed" else STEM_NORMALIZATIONS
@@ -207,7 +209,8 @@ class Normalization:
         kind = "cbed" if _looks_cbed(manifest, name) else "stem"
         pot = stats.get("potential") or {"mean": 0.0, "std": 1.0}
         common = dict(potential_mean=float(pot["mean"] or 0.0),
-                      potential_std=_safe_std(pot.get("std")))
+                      potential_std=_safe_std(pot.get("std")),
+                      displacement_scale=_displacement_scale(stats))
         if kind == "cbed":
             if cbed_normalization not in CBED_NORMALIZATIONS:
                 raise UserError(
@@ -224,7 +227,8 @@ class Normalization:
         """JSON-ready description (inverse: :meth:`from_dict`)."""
         return {"kind": self.kind, "method": self.method, "scale": self.scale,
                 "channel_mean": list(self.channel_mean), "channel_std": list(self.channel_std),
-                "potential_mean": self.potential_mean, "potential_std": self.potential_std}
+                "potential_mean": self.potential_mean, "potential_std": self.potential_std,
+                "displacement_scale": self.displacement_scale}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Normalization":
@@ -314,6 +318,8 @@ class Normalization:
             value = np.asarray(value, dtype=np.float32)
             if key == "potential":
                 value = value * np.float32(self.potential_std) + np.float32(self.potential_mean)
+            elif key == "displacement":
+                value = value * np.float32(self.displacement_scale)
             out[key] = value
         return out
 
@@ -344,6 +350,16 @@ def _looks_cbed(manifest: dict, name: str) -> bool:
     fields = header_fields(manifest)
     labels = [fields[n].shape[1:] for n in TARGET_FIELDS if n in fields]
     return bool(labels) and tuple(fields[name].shape[1:]) != tuple(labels[0])
+
+
+def _displacement_scale(stats: dict) -> float:
+    """RMS displacement at column sites (Å): sqrt(E[d²] / E[mask]) over the label maps."""
+    d, c = stats.get("displacement"), stats.get("columns")
+    if not d or not c or not c.get("mean"):
+        return 1.0
+    second = float(d.get("std") or 0.0) ** 2 + float(d.get("mean") or 0.0) ** 2
+    scale = math.sqrt(second / float(c["mean"]))
+    return scale if scale > 1e-4 else 1.0
 
 
 def _safe_std(value) -> float:
@@ -898,7 +914,7 @@ class _Loader:
             d = tf.transpose(named.pop("displacement"), [0, 2, 3, 1])
             if "sign" in named:
                 d = d * named.pop("sign")[:, None, None, :]
-            targets["displacement"] = d
+            targets["displacement"] = d * np.float32(1.0 / self.norm.displacement_scale)
             if "columns" in named:
                 cols = tf.repeat(named.pop("columns"), 3, axis=1)
                 targets["displacement_mask"] = tf.transpose(cols, [0, 2, 3, 1])

@@ -105,7 +105,8 @@ def test_channels_last_values_and_normalization(tmp_path):
         np.testing.assert_array_equal(x[b], raw["cbed"].transpose(1, 2, 0))
         np.testing.assert_allclose(t["potential"][b, ..., 0], (raw["potential"][0] - pot["mean"]) / pot["std"],
                                    rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(t["displacement"][b], raw["displacement"].transpose(1, 2, 0))
+        scale = ds.stemnet_normalization.displacement_scale
+        np.testing.assert_allclose(t["displacement"][b] * scale, raw["displacement"].transpose(1, 2, 0), rtol=1e-6)
         for c in range(9):
             np.testing.assert_array_equal(t["displacement_mask"][b, ..., c], raw["columns"][c // 3])
         assert t["params"][b].tolist() == [i, 2 * i]
@@ -146,10 +147,14 @@ def test_normalization_round_trip(tmp_path):
     x = np.random.default_rng(0).random((2, 4, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(again.denormalize_inputs(again.inputs(x)), x, rtol=1e-5, atol=1e-7)
     v = np.random.default_rng(1).normal(size=(2, 8, 8, 1)).astype(np.float32) + 3
-    d = np.ones((2, 8, 8, 9), np.float32) * 0.1
+    d = np.ones((2, 8, 8, 9), np.float32)
     back = again.denormalize({"potential": again.potential(v), "displacement": d})
     np.testing.assert_allclose(back["potential"], v, rtol=1e-5)
-    np.testing.assert_array_equal(back["displacement"], d)  # kept in Å
+    # network units -> Å: the RMS displacement at column sites, from the statistics
+    stats = read_manifest(root)["stats"]
+    expected = np.sqrt((stats["displacement"]["std"] ** 2 + stats["displacement"]["mean"] ** 2) / stats["columns"]["mean"])
+    assert norm.displacement_scale == pytest.approx(expected) and norm.displacement_scale != 1.0
+    np.testing.assert_allclose(back["displacement"], d * expected, rtol=1e-6)
     stem = Normalization.from_manifest(read_manifest(build(tmp_path / "s", mode="stem", counts=(3,))))
     assert stem.kind == "stem" and stem.method == "standardize" and len(stem.channel_mean) == 3
     y = np.random.default_rng(2).random((2, 8, 8, 3)).astype(np.float32)
@@ -291,7 +296,8 @@ def test_pipeline_applies_the_reference_transform(tmp_path):
                 ref = augment_sample(raw, element, grid=(2, 2))
                 if (np.array_equal(x[b], ref["cbed"].transpose(1, 2, 0))
                         and np.allclose(t["potential"][b, ..., 0] * pot[1] + pot[0], ref["potential"][0], atol=1e-5)
-                        and np.array_equal(t["displacement"][b], ref["displacement"].transpose(1, 2, 0))
+                        and np.allclose(t["displacement"][b] * norm.displacement_scale,
+                                        ref["displacement"].transpose(1, 2, 0), rtol=1e-6, atol=1e-7)
                         and np.array_equal(t["displacement_mask"][b, ..., 3], ref["columns"][1])):
                     matches.append(element)
             assert len(matches) == 1, matches
