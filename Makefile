@@ -58,7 +58,11 @@ demo: install
 
 bench: install
 	mkdir -p bench
+	$(VENV)/bin/stemnet simulate --config configs/simulation/demo.yaml --out demo/data --workers 2 --no-progress
 	$(VENV)/bin/stemnet bench simulate --json bench/simulate.json
+	$(VENV)/bin/stemnet bench train --data demo/data --json bench/train.json
+	$(VENV)/bin/stemnet bench data --data demo/data --json bench/data.json
+	$(VENV)/bin/stemnet bench grouping --json bench/grouping.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -125,6 +125,8 @@ def draw_specimen(cfg: SimulationConfig, index: int):
         for key in ("polar_A_ang", "polar_B_ang"):
             distortion[key] = (distortion[key][0], distortion[key][1], 0.0)
     specimen = build_specimen(material, cfg.specimen.cells, thickness, zone=cfg.specimen.zone, **distortion)
+    if dist.frame == "A":  # move the whole crystal so that the A sublattice sits on its ideal sites
+        specimen.atoms.positions = specimen.atoms.positions - np.asarray(distortion["polar_A_ang"])
     if cfg.random_offset:
         specimen = translate(specimen, rng.uniform(0.0, material.a, size=2))
     return specimen, rng

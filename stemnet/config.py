@@ -72,6 +72,9 @@ class DistortionConfig(Section):
     polar_A_ang: NonNegativeFloat = 0.0
     polar_B_ang: NonNegativeFloat = 0.0
     polar_in_plane: bool = False  # polar vectors drawn in the x-y plane (dz = 0)
+    # displacement labels relative to the A sublattice ("A": what an image can show, since
+    # a uniform shift of the whole crystal is invisible) or to the ideal sites ("crystal")
+    frame: Literal["A", "crystal"] = "A"
     phonon_rms_ang: Dict[str, NonNegativeFloat] = Field(default_factory=dict)
     phonon_configs: PositiveInt = 1
 

@@ -53,12 +53,14 @@ def test_sample_is_physical(tiny_dataset):
     assert np.all(sums > 0.8) and np.all(sums <= 1.0 + 1e-5)
     # projected potential is positive everywhere and peaks on columns
     assert sample["potential"].min() > 0
-    # the A-column map at the A column nearest the origin shows the drawn polar vector
-    mask_a = sample["columns"][0]
-    r, c = np.unravel_index(np.argmax(mask_a), mask_a.shape)
-    measured = sample["displacement"][0:3, r, c] / mask_a[r, c]
-    drawn = [params[f"polar_A_ang_{axis}"] for axis in "xyz"]
-    np.testing.assert_allclose(measured, drawn, atol=1e-4)
+    # labels are relative to the A sublattice: A columns show 0, B columns polar_B - polar_A
+    for sub, expected in ((0, [0.0, 0.0, 0.0]),
+                          (1, [params[f"polar_B_ang_{a}"] - params[f"polar_A_ang_{a}"] for a in "xyz"])):
+        mask = sample["columns"][sub]
+        r, c = np.unravel_index(np.argmax(mask), mask.shape)
+        measured = sample["displacement"][3 * sub:3 * sub + 3, r, c] / mask[r, c]
+        np.testing.assert_allclose(measured, expected, atol=1e-4)
+    assert np.abs(expected).max() > 0.01
 
 
 def test_same_samples_whatever_the_worker_count(tiny_dataset, tiny_config, tmp_path):
