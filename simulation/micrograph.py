@@ -23,7 +23,7 @@ from simulation.labels import column_maps, find_columns
 from simulation.structures import Material, build_specimen
 from stemnet import __version__
 
-SPECIMEN = dict(glazer="a0a0c-", tilt_deg=(0.0, 0.0, 7.0), polar_A_ang=(0.0, 0.0, 0.0),
+SPECIMEN = dict(glazer="a0a0c+", tilt_deg=(0.0, 0.0, 8.0), polar_A_ang=(0.0, 0.0, 0.0),
                 polar_B_ang=(0.10, -0.06, 0.0))
 MATERIAL = Material("SrTiO3", "Sr", "Ti", "O", 3.905)
 
