@@ -17,9 +17,9 @@ recovered from the prediction against θ recovered from the truth.
 
 Baselines, in the same table: ``zero`` (no displacement; the potential's training mean,
 a constant) and ``mean`` (the per-pixel mean maps of the training split); for STEM-image
-inputs also ``column-fit`` (classical: each column's centroid, fitted on the HAADF image
-for A and B and on the inverted ABF image for O, near its ideal site → dx, dy; it cannot
-give dz, nor a potential).
+inputs also ``column-fit`` (classical: each column's intensity centroid on the HAADF image
+for A and B and on the inverted ABF image for O, near its ideal site, relative to the A
+sublattice → dx, dy; it cannot give dz, nor a potential).
 """
 
 from __future__ import annotations
@@ -119,11 +119,13 @@ def score(truth: Dict[str, np.ndarray], pred: Dict[str, np.ndarray], a_ang: np.n
 def column_fit(images: np.ndarray, channel_names: List[str], mask: np.ndarray, radius_px: float = 1.5) -> np.ndarray:
     """Classical column fitting on STEM images → displacement maps (N, H, W, 9), dz = 0.
 
-    For each column (a local maximum of the truth mask, i.e. its ideal site), the
-    intensity-weighted centroid within ``radius_px`` of the site on the HAADF image (A, B)
-    or the inverted ABF image (O) gives (dx, dy); the map is drawn back with the mask's
-    Gaussians (value × mask), like the labels. Pixel size: 1 (returns pixels); the caller
-    scales to Å.
+    Each column's ideal site is the sub-pixel centre of its Gaussian in the truth mask
+    (the mask-weighted centroid around a local maximum); its position on the image is the
+    background-subtracted intensity centroid within ``radius_px`` of the site, on the
+    HAADF image for A and B and on the inverted ABF image for O; the difference is
+    (dx, dy). As for the labels, displacements are then taken relative to the A
+    sublattice (its mean shift is subtracted) and drawn back with the mask's Gaussians.
+    Returns pixels; the caller scales to Å.
     """
     names = [n.lower() for n in channel_names]
     if "haadf" not in names:
@@ -133,20 +135,32 @@ def column_fit(images: np.ndarray, channel_names: List[str], mask: np.ndarray, r
     n, h, w, _ = mask.shape
     out = np.zeros((n, h, w, 9), np.float32)
     yy, xx = np.mgrid[0:h, 0:w]
+
+    def centroid(weights, near):
+        wts = weights[near]
+        return float(np.sum(wts * yy[near]) / wts.sum()), float(np.sum(wts * xx[near]) / wts.sum())
+
     for i in range(n):
+        found = []  # (sublattice, (y0, x0), (dy, dx))
         for s in range(3):
             m = mask[i, :, :, 3 * s]
             image = abf[i] if s == 2 else haadf[i]
             for (r, c) in _local_maxima(m):
                 near = (yy - r) ** 2 + (xx - c) ** 2 <= radius_px**2
-                weights = np.clip(image[near] - image[near].min(), 0, None)
-                if weights.sum() <= 0:
+                y0, x0 = centroid(m, near)
+                near = (yy - y0) ** 2 + (xx - x0) ** 2 <= radius_px**2
+                weights = np.clip(image - image[near].min(), 0, None)
+                if weights[near].sum() <= 0:
                     continue
-                dy = float(np.sum(weights * yy[near]) / weights.sum() - r)
-                dx = float(np.sum(weights * xx[near]) / weights.sum() - c)
-                region = (yy - r) ** 2 + (xx - c) ** 2 <= (2 * radius_px) ** 2
-                out[i, region, 3 * s] += dx * m[region]
-                out[i, region, 3 * s + 1] += dy * m[region]
+                y1, x1 = centroid(weights, near)
+                found.append((s, (y0, x0), (y1 - y0, x1 - x0)))
+        a_shift = np.mean([d for s, _, d in found if s == 0], axis=0) if any(s == 0 for s, _, _ in found) else 0.0
+        for s, (y0, x0), d in found:
+            dy, dx = np.asarray(d) - a_shift
+            region = (yy - y0) ** 2 + (xx - x0) ** 2 <= (2 * radius_px) ** 2
+            m = mask[i, :, :, 3 * s]
+            out[i, region, 3 * s] += dx * m[region]
+            out[i, region, 3 * s + 1] += dy * m[region]
     return out
 
 
