@@ -397,6 +397,37 @@ def timeline(file, json_path) -> None:
         click.echo(f"summary written to {json_path}")
 
 
+# ---------------------------------------------------------------------- reconstruct
+@cli.command("reconstruct")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: NAME.hspy (HyperSpy HDF5) and NAME.png per input (replaced if present).")
+@click.option("--channels", metavar="NAME=FILE,...",
+              help="One file per detector channel of one field of view, e.g. haadf=a.dm4,abf=b.dm4.")
+@click.option("--dataset", metavar="PATH", help="Dataset inside a plain HDF5 file (or array name in a .npz).")
+@click.option("--pixel-size", type=float, metavar="ANG", help="Pixel size in Å; overrides the file's calibration.")
+@click.option("--fill-nan", is_flag=True, help="Replace NaN/Inf pixels by the channel median instead of failing.")
+@click.option("--intensity", type=click.Choice(["match", "raw"]), default="match", show_default=True,
+              help="match: each channel's mean/std matched to the training statistics; raw: images already "
+                   "in simulation units (fractions of the beam).")
+@click.option("--no-tta", is_flag=True, help="One pass instead of the 8-symmetry ensemble (no uncertainty maps).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per model call.")
+@click.option("--no-plot", is_flag=True, help="No PNG figure.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def reconstruct_command(run_dir, inputs, out, channels, dataset, pixel_size, fill_nan, intensity, no_tta,
+                        batch_size, no_plot, no_progress) -> None:
+    """Reconstruct STEM images (INPUT...) with RUN's model: potential, displacements, uncertainty."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.reconstruct import format_summary, reconstruct_files
+
+    results = reconstruct_files(run_dir, inputs, out, channels=channels, dataset=dataset, pixel_size=pixel_size,
+                                fill_nan=fill_nan, intensity=intensity, tta=not no_tta, batch_size=batch_size,
+                                plot=not no_plot, progress=not no_progress)
+    for rec, path in results:
+        click.echo(format_summary(rec, path))
+
+
 # --------------------------------------------------------------------------- submit
 @cli.command("submit")
 @click.argument("task", type=click.Choice(["simulate", "train"]))

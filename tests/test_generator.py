@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from simulation.generator import generate, simulate_sample, split_ranges
-from stemnet.config import load_config
 from stemnet.errors import UserError
 from stemnet.shards import ShardReader, read_manifest, verify_dataset
 

@@ -1,6 +1,5 @@
 """Training loop on the tiny simulated dataset: overfit, precisions, checkpoints, signals."""
 
-import os
 import re
 import signal
 import subprocess

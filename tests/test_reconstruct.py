@@ -1,0 +1,447 @@
+"""Reconstruction of experimental micrographs (stemnet.reconstruct, stemnet.readers).
+
+Exactness of the pieces is tested with fixed Keras models built here (tiling = one pass,
+TTA inverse transforms, calibration, intensity rule); the whole pipeline with a real
+model, trained in a fixture on simulated data, on a specimen it never saw (other pixel
+size, larger field, shot noise), read from TIFF, HyperSpy, EMD and .npy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from stemnet import reconstruct as R
+from stemnet.cli import cli
+from stemnet.errors import UserError
+from stemnet.readers import parse_channel_map, read_images, unit_to_ang
+
+REPO = Path(__file__).resolve().parents[1]
+CHANNELS = ["haadf", "abf"]
+A_ANG = 3.905
+TRAIN_PIXEL = 7.81 / 16  # tiny_stem: 16 px over two SrTiO3 cells
+# The trained fixture: tiny_stem with a cheaper detector/sampling (HAADF 40-100 mrad
+# allows 0.08 Å multislice sampling) and a narrower prior (a0a0c+, A fixed), so that a
+# tiny model learns displacements from 56 training samples in ~20 s on 2 cores.
+SIM_OVERRIDES = [
+    "simulation.num_samples=64",
+    "simulation.splits={train: 0.875, val: 0.0625, test: 0.0625}",
+    "simulation.sampling_ang=0.08",
+    "simulation.stem.detectors={haadf: [40.0, 100.0], abf: [10.0, 20.0]}",
+    "simulation.specimen.thickness_cells=[2,2]",
+    "simulation.distortion.glazer=[a0a0c+]",
+    "simulation.distortion.tilt_deg=[0.0,10.0]",
+    "simulation.distortion.polar_A_ang=0.0",
+]
+TRAIN_OVERRIDES = ["train.steps=600", "train.learning_rate=0.01", "train.head_weights.displacement=30",
+                   "train.val_every=100000", "train.checkpoint_every=100000"]
+
+
+def invoke(*args):
+    """`stemnet reconstruct ARGS` through the real click command (exceptions kept for asserts)."""
+    return CliRunner().invoke(cli, ["reconstruct", *map(str, args)], catch_exceptions=True)
+
+
+# --------------------------------------------------------------------------- helpers
+def signal(data, title, scale, units, nav=0):
+    """A rosettasciio signal dictionary (for its writers)."""
+    names = ["channel"] * nav + ["y", "x"]
+    axes = [dict(name=n, size=s, scale=(1.0 if i < nav else scale), offset=0.0,
+                 units=(None if i < nav else units), navigate=i < nav)
+            for i, (n, s) in enumerate(zip(names, data.shape))]
+    return dict(data=data, axes=axes, metadata={"General": {"title": title}, "Signal": {"signal_type": ""}},
+                original_metadata={}, learning_results={}, models={}, attributes={"_lazy": False},
+                package_info={"package": "", "package_version": ""}, tmp_parameters={})
+
+
+def lattice_images(cells=4, pixel=0.4, b_shift=(0.0, 0.0), a=A_ANG, sigma=0.35):
+    """Synthetic [001] perovskite HAADF + ABF (Gaussian columns): A bright, B dimmer, O in ABF."""
+    n = int(round(cells * a / pixel))
+    c = (np.arange(n) + 0.5) * pixel
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    haadf = np.zeros((n, n))
+    abf = np.ones((n, n))
+    for i in range(-1, cells + 1):
+        for j in range(-1, cells + 1):
+            sites = [((i + 0.25) * a, (j + 0.25) * a, 1.0, 0.2),
+                     ((i + 0.75) * a + b_shift[0], (j + 0.75) * a + b_shift[1], 0.55, 0.2),
+                     ((i + 0.75) * a, (j + 0.25) * a, 0.0, 0.1), ((i + 0.25) * a, (j + 0.75) * a, 0.0, 0.1)]
+            for x0, y0, amp, dip in sites:
+                g = np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma**2))
+                haadf += amp * g
+                abf -= dip * g
+    return np.stack([0.004 * haadf, 0.7 * abf]).astype(np.float32)
+
+
+# -------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory):
+    """A run folder with an exported, untrained tiny model (for everything but accuracy)."""
+    from stemnet.config import load_config
+    from stemnet.models import build_model
+    from stemnet.train.run import save_run_files
+
+    run = tmp_path_factory.mktemp("fake") / "run"
+    cfg = load_config(REPO / "configs/training/tiny.yaml")
+    info = {"input_field": "stem", "input_shape": [16, 16, 2], "output_shape": [16, 16],
+            "targets": ["potential", "displacement"], "channels": {"potential": 1, "displacement": 9},
+            "input_channels": CHANNELS, "fov_ang": 7.81, "pixel_size_ang": TRAIN_PIXEL, "energy_ev": 2e5,
+            "materials": {"SrTiO3": {"A": "Sr", "B": "Ti", "X": "O", "a": A_ANG}}}
+    norm = {"kind": "stem", "method": "standardize", "scale": 1.0, "channel_mean": [0.0011, 0.707],
+            "channel_std": [0.0028, 0.04], "potential_mean": 225.0, "potential_std": 213.0}
+    save_run_files(run, cfg, info, norm)
+    model = build_model(cfg.model, (16, 16, 2), (16, 16))
+    (run / "export").mkdir()
+    model.save_weights(str(run / "export" / "weights.h5"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """tiny_stem (cheaper physics, see SIM_OVERRIDES) simulated, then a tiny model trained on it."""
+    from simulation.generator import generate
+    from stemnet.config import load_config
+    from stemnet.train.loop import train
+
+    root = tmp_path_factory.mktemp("trained")
+    sim = load_config(REPO / "configs/simulation/tiny_stem.yaml", SIM_OVERRIDES, require=("simulation",)).simulation
+    generate(sim, root / "data", workers=2, progress=False)
+    cfg = load_config(REPO / "configs/training/tiny.yaml", TRAIN_OVERRIDES)
+    train(cfg, root / "data", root / "run", progress=False)
+    return root / "run", sim
+
+
+@pytest.fixture(scope="module")
+def unseen(trained_run):
+    """A specimen the model never saw: 4x4-cell a0a0c+ 8°, B shifted 0.12 Å along x, imaged
+    over three cells (11.7 Å, 24 px at the training sampling vs 16) at 0.404 Å pixels
+    (training: 0.488 Å), with shot noise."""
+    from simulation.multislice import add_poisson_noise, stem_images
+    from simulation.structures import build_specimen, material_from_dict
+
+    _, sim = trained_run
+    spec = build_specimen(material_from_dict("SrTiO3", {"A": "Sr", "B": "Ti", "X": "O", "a": A_ANG}), 4, 2,
+                          glazer="a0a0c+", tilt_deg=(0.0, 0.0, 8.0), polar_B_ang=(0.12, 0.0, 0.0))
+    fov, n = 3 * A_ANG, 29
+    mic = sim.microscope
+    clean = stem_images(spec.atoms, energy_ev=mic.energy_ev, convergence_mrad=mic.convergence_mrad, shape=(n, n),
+                        fov_ang=((0.0, 0.0), (fov, fov)), sampling_ang=sim.sampling_ang,
+                        slice_thickness_ang=A_ANG / 2, detectors=dict(sim.stem.detectors))
+    noisy = add_poisson_noise(clean, 1e6, (fov / n) ** 2, np.random.default_rng(7))
+    return spec, noisy, fov / n
+
+
+# ------------------------------------------------------------------------ unit tests
+def test_units_and_channel_map():
+    assert unit_to_ang("nm") == 10 and unit_to_ang("Å") == 1 and unit_to_ang("A") == 1
+    assert unit_to_ang("angstrom") == 1 and unit_to_ang("pm") == 0.01 and unit_to_ang("µm") == 1e4
+    assert unit_to_ang("\\u00C5") == 1 and unit_to_ang(None) is None and unit_to_ang("<undefined>") is None
+    with pytest.raises(UserError, match="not a real-space length"):
+        unit_to_ang("1 / nm")
+    assert parse_channel_map("HAADF=a.dm4, abf=b.dm4") == {"haadf": Path("a.dm4"), "abf": Path("b.dm4")}
+    with pytest.raises(UserError, match="NAME=FILE"):
+        parse_channel_map("haadf")
+
+
+def test_readers_and_calibration(tmp_path):
+    import tifffile
+    from rsciio.emd import file_writer as emd_writer
+    from rsciio.hspy import file_writer as hspy_writer
+    from rsciio.tiff import file_writer as tiff_writer
+
+    img = lattice_images(cells=2)
+    tiff_writer(str(tmp_path / "rs.tif"), signal(img[0], "HAADF", 0.04, "nm"))
+    tifffile.imwrite(tmp_path / "ij.tif", img[1], imagej=True, resolution=(1 / 0.04, 1 / 0.04),
+                     metadata={"unit": "nm"})
+    hspy_writer(str(tmp_path / "stack.hspy"), signal(img, "stack", 0.4, "Å", nav=1), show_progressbar=False)
+    emd_writer(str(tmp_path / "two.emd"), signal(img[0], "HAADF", 40.0, "pm"))
+    with h5py.File(tmp_path / "two.emd", "a") as f:  # a second signal, as Velox/NCEM files have several
+        f["signals"].copy("HAADF", "ABF Detector")
+        f["signals/ABF Detector/data"][...] = img[1].T
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f.create_dataset("scan/images", data=img).attrs.update({"pixel_size": 0.4, "units": "Å"})
+    np.savez(tmp_path / "two.npz", images=img, other=img[0])
+
+    for name in ("rs.tif", "ij.tif"):
+        (im,) = read_images(tmp_path / name)
+        assert np.allclose(im.pixel_size_ang, (0.4, 0.4), rtol=1e-6), name
+    stack = read_images(tmp_path / "stack.hspy")
+    assert len(stack) == 2 and all(s.stacked for s in stack) and np.allclose(stack[0].pixel_size_ang, 0.4)
+    emd = read_images(tmp_path / "two.emd")
+    assert sorted(im.title for im in emd) == ["ABF Detector", "HAADF"]
+    assert all(np.allclose(im.pixel_size_ang, 0.4) for im in emd)
+    m = R.load_micrograph(tmp_path / "two.emd", CHANNELS)  # titles matched case-insensitively
+    assert np.allclose(m.data, img, atol=1e-6) and m.calibration == "file"
+    m = R.load_micrograph(tmp_path / "plain.h5", CHANNELS, dataset="/scan/images")
+    assert np.allclose(m.data, img) and m.pixel_size_ang == (0.4, 0.4)
+    m = R.load_micrograph(tmp_path / "two.npz", CHANNELS, dataset="images", pixel_size=0.4)
+    assert m.calibration == "--pixel-size" and len(m.sources[0]["sha256"]) == 64
+    m = R.load_micrograph({"haadf": tmp_path / "rs.tif", "abf": tmp_path / "ij.tif"}, CHANNELS)
+    assert np.allclose(m.data, img, atol=1e-6)
+
+
+def test_resample_keeps_pixel_centres_and_intensity_rule():
+    q, p = 0.4, TRAIN_PIXEL
+    n = 60
+    x = (np.arange(n) + 0.5) * q  # a smooth field sampled at pixel centres
+    f = lambda y, x: np.cos(2 * np.pi * x / 3.3) + 0.5 * np.sin(2 * np.pi * y / 4.1)  # noqa: E731
+    image = f(*np.meshgrid(x, x, indexing="ij"))[None]
+    out = R.resample(image, (q, q), p)
+    m = R.resampled_shape((n, n), (q, q), p)
+    assert out.shape == (1,) + m == (1, 49, 49)
+    y = (np.arange(m[0]) + 0.5) * p
+    expected = f(*np.meshgrid(y, y, indexing="ij"))
+    inner = (slice(3, -3), slice(3, -3))  # away from the mirrored border
+    assert np.abs(out[0][inner] - expected[inner]).max() < 0.03  # half a pixel off would be ~0.5
+    assert np.array_equal(R.resample(image, (p, p), p), image)  # already at the training sampling
+
+    from stemnet.data import Normalization
+
+    norm = Normalization("stem", "standardize", channel_mean=(0.0011, 0.707), channel_std=(0.0028, 0.04))
+    img = lattice_images(cells=2).astype(np.float64)
+    scaled = img * np.array([7.0, 0.3])[:, None, None] + np.array([100.0, -5.0])[:, None, None]
+    a, b = R.match_intensity(img, norm), R.match_intensity(scaled, norm)
+    assert np.allclose(a, b, atol=1e-4)  # detector gain and offset do not matter
+    assert np.allclose(a.mean(axis=(0, 1)), 0, atol=1e-5) and np.allclose(a.std(axis=(0, 1)), 1, atol=1e-4)
+    hot = img.copy()
+    hot[0, 5, 5] = 1e3  # a hot pixel is clipped away: the rest of the image keeps its scale
+    clean, spoilt = R.match_intensity(R.clip_outliers(img), norm), R.match_intensity(R.clip_outliers(hot), norm)
+    spoilt[5, 5], clean[5, 5] = 0, 0
+    assert np.abs(spoilt - clean).max() < 0.3
+    assert np.abs(R.match_intensity(hot, norm)[..., 0] - a[..., 0]).max() > 5  # unclipped: scale ruined
+    raw = R.match_intensity(img, norm, "raw")  # simulation units: the training normalisation only
+    assert np.allclose(raw[..., 1], (img[1] - 0.707) / 0.04, atol=1e-4)
+
+
+def _pointwise_model():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    x = tf.keras.Input((None, None, 2))
+    pot = tf.keras.layers.Conv2D(1, 1, name="p")(x)
+    disp = tf.keras.layers.Conv2D(9, 1, name="d")(x)
+    model = tf.keras.Model(x, {"potential": pot, "displacement": disp})
+    for layer in ("p", "d"):
+        k, b = model.get_layer(layer).get_weights()
+        model.get_layer(layer).set_weights([rng.normal(size=k.shape), rng.normal(size=b.shape)])
+    return model
+
+
+def test_tiling_equals_single_pass():
+    w = R.window(16)
+    assert np.allclose(w[:8] + w[8:], 1.0) and w.min() > 0
+    predict = R.keras_predictor(_pointwise_model())
+    rng = np.random.default_rng(0)
+    for shape in ((37, 45), (16, 16), (12, 30), (16, 70)):
+        image = rng.normal(size=shape + (2,)).astype(np.float32)
+        tiled = R.predict_tiled(predict, image, (16, 16), batch_size=5)
+        whole = R.predict_tiled(predict, image, None)
+        for key in whole:
+            assert tiled[key].shape == shape + whole[key].shape[-1:]
+            assert np.abs(tiled[key] - whole[key]).max() < 1e-5, (shape, key)
+
+
+def _gradient_model(constant=False):
+    """potential = channel 0; B_dx, B_dy = the central-difference gradient of channel 0
+    (D4-equivariant as a vector field), or a constant (1, 0) B displacement."""
+    import tensorflow as tf
+
+    x = tf.keras.Input((None, None, 2))
+    first = tf.keras.layers.Lambda(lambda t: t[..., :1])(x)
+    ddx = np.zeros((3, 3, 1, 1))
+    ddx[1, 2, 0, 0], ddx[1, 0, 0, 0] = 0.5, -0.5
+    kernel = np.zeros((3, 3, 1, 9))
+    kernel[..., 3], kernel[..., 4] = ddx[..., 0], np.transpose(ddx, (1, 0, 2, 3))[..., 0]
+    conv = tf.keras.layers.Conv2D(9, 3, padding="same", use_bias=True, name="grad")
+    disp = conv(first)
+    bias = np.zeros(9)
+    if constant:
+        kernel[:] = 0
+        bias[3] = 1.0
+    conv.set_weights([kernel, bias])
+    return tf.keras.Model(x, {"potential": first, "displacement": disp})
+
+
+def test_tta_inverse_transforms():
+    for g in R.D4:
+        assert R.d4_inverse(R.d4_inverse(g)) == g
+    assert R.d4_inverse((1, 1, 0)) == (1, 0, 1)  # rot90 one way undoes rot90 the other way
+    image = np.random.default_rng(1).normal(size=(13, 19, 2)).astype(np.float32)
+    members = R.tta_members(R.keras_predictor(_gradient_model()), image, None)
+    assert len(members) == 8 and len(R.tta_members(R.keras_predictor(_gradient_model()), image, None, tta=False)) == 1
+    plain = members[0]  # identity element first
+    for m in members[1:]:  # an equivariant model: every member maps back onto the plain prediction
+        for key in plain:
+            assert np.abs(m[key] - plain[key]).max() < 1e-5, key
+    gy, gx = np.gradient(image[..., 0])
+    assert np.allclose(plain["displacement"][1:-1, 1:-1, 3], gx[1:-1, 1:-1], atol=1e-5)
+    assert np.allclose(plain["displacement"][1:-1, 1:-1, 4], gy[1:-1, 1:-1], atol=1e-5)
+    # a constant vector (1, 0) is not invariant: the 8 members carry it to ±x (4) and ±y (4)
+    const = R.tta_members(R.keras_predictor(_gradient_model(constant=True)), image, None)
+    d = np.stack([m["displacement"] for m in const])
+    assert np.allclose(d.mean(axis=0), 0, atol=1e-6)
+    assert np.allclose(d.std(axis=0)[..., 3], np.sqrt(0.5)) and np.allclose(d.std(axis=0)[..., 4], np.sqrt(0.5))
+    assert sorted(np.round(d[:, 0, 0, 3]).tolist()) == [-1, -1, 0, 0, 0, 0, 1, 1]
+
+
+def test_columns_on_a_synthetic_lattice():
+    img = lattice_images(cells=4, pixel=TRAIN_PIXEL, b_shift=(0.15, -0.05))
+    points, intensity = R.find_columns(img[0], TRAIN_PIXEL, A_ANG)
+    labels, lattice = R.classify_columns(points, intensity, A_ANG / TRAIN_PIXEL)
+    assert lattice is not None and abs(lattice.a_px * TRAIN_PIXEL - A_ANG) < 0.02
+    a, b = labels == 0, labels == 1
+    assert a.sum() >= 9 and b.sum() >= 9 and intensity[a].mean() > intensity[b].mean()
+    zero = {"displacement": np.zeros(img.shape[1:] + (9,)), "potential": np.zeros(img.shape[1:] + (1,))}
+    table, summary = R.column_statistics(img[0], TRAIN_PIXEL, zero, zero, [zero], {"materials": {
+        "SrTiO3": {"A": "Sr", "B": "Ti", "X": "O", "a": A_ANG}}})
+    on_b = table["sublattice"] == 1
+    assert np.allclose(table["lattice_dx_ang"][on_b].mean(), 0.15, atol=0.03)
+    assert np.allclose(table["lattice_dy_ang"][on_b].mean(), -0.05, atol=0.03)
+    assert summary["O"]["count"] >= 12 and summary["tilt_deg"] == 0.0
+
+
+# ---------------------------------------------------------------------- bad inputs
+def test_bad_inputs_fail_in_one_line_without_output(fake_run, tmp_path):
+    img = lattice_images(cells=4)
+    np.save(tmp_path / "ok.npy", img)
+    nan = img.copy()
+    nan[1, 3, 4] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "four_d.npy", np.zeros((2, 2, 8, 8)))
+    np.save(tmp_path / "one.npy", img[0])
+    np.save(tmp_path / "three.npy", np.concatenate([img, img[:1]]))
+    np.save(tmp_path / "tiny.npy", img[:, :9, :9])
+    (tmp_path / "junk.dm4").write_bytes(b"not a DigitalMicrograph file" * 10)
+    (tmp_path / "img.xyz").write_text("?")
+    nofinal = tmp_path / "unfinished"
+    nofinal.mkdir()
+    for name in ("config.yaml", "data.json", "normalization.json"):
+        (nofinal / name).write_bytes((fake_run / name).read_bytes())
+    cases = [
+        ((fake_run, tmp_path / "junk.dm4", "--pixel-size", 0.4), "cannot read as DM"),
+        ((fake_run, tmp_path / "img.xyz"), "unknown image format"),
+        ((fake_run, tmp_path / "four_d.npy", "--pixel-size", 0.4), "4-D array"),
+        ((fake_run, tmp_path / "ok.npy"), "no pixel-size calibration"),
+        ((fake_run, tmp_path / "nan.npy", "--pixel-size", 0.4), "NaN/Inf"),
+        ((fake_run, tmp_path / "one.npy", "--pixel-size", 0.4), "expects channels"),
+        ((fake_run, tmp_path / "three.npy", "--pixel-size", 0.4), "expects channels"),
+        ((fake_run, "--channels", f"haadf={tmp_path / 'one.npy'},bf={tmp_path / 'one.npy'}",
+          "--pixel-size", 0.4), "missing ['abf']"),
+        ((fake_run, tmp_path / "ok.npy", "--pixel-size", 0.12), "0.2441–0.9762 Å"),
+        ((fake_run, tmp_path / "tiny.npy", "--pixel-size", 0.4), "at least 8×8 px"),
+        ((nofinal, tmp_path / "ok.npy", "--pixel-size", 0.4), "weights.h5 missing"),
+        ((fake_run, tmp_path / "missing.npy"), "no such file"),
+    ]
+    for args, expected in cases:
+        out = tmp_path / "out"
+        result = invoke(*args, "--out", out, "--no-progress")
+        assert isinstance(result.exception, UserError), (args, result.output, result.exception)
+        message = str(result.exception)
+        assert expected in message and "\n" not in message, (expected, message)
+        assert not out.exists() or not any(out.iterdir()), message
+
+
+def test_fill_nan_cli_and_hspy_layout(fake_run, tmp_path):
+    from rsciio.hspy import file_reader
+
+    img = lattice_images(cells=5, pixel=0.6)
+    img[0, 10, 10] = np.inf
+    path = tmp_path / "scan.npy"
+    np.save(path, img)
+    result = invoke(fake_run, path, "--pixel-size", 0.6, "--fill-nan", "--out", tmp_path / "out", "--no-progress")
+    assert result.exit_code == 0, (result.output, result.exception)
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith("scan: 19.5×19.5 Å at 0.488 Å/px") and "tilt" in line
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan.hspy", "scan.png"]
+    signals = {d["metadata"]["General"]["title"]: d for d in file_reader(str(tmp_path / "out/scan.hspy"))}
+    assert set(signals) == {"input", "potential", "potential_std", "displacement", "displacement_std"}
+    disp = signals["displacement"]
+    assert disp["data"].shape == (9, 40, 40) and [a["units"] for a in disp["axes"][1:]] == ["Å", "Å"]
+    assert np.isclose(disp["axes"][2]["scale"], TRAIN_PIXEL) and disp["axes"][0]["navigate"]
+    assert signals["potential"]["data"].shape == (40, 40) and signals["input"]["data"].shape == (2, 40, 40)
+    with h5py.File(tmp_path / "out/scan.hspy") as f:
+        prov = f["stemnet"].attrs
+        assert prov["filled_nonfinite_pixels"] == 1 and prov["stemnet_version"]
+        assert R.sha256(path) in prov["inputs"] and str(fake_run.resolve()) == prov["run"]
+        cols = f["stemnet/columns"]
+        assert set(np.unique(cols["sublattice"][()])) == {0, 1, 2} and len(cols["x_ang"]) > 30
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    maps = {"potential": np.ones((8, 8, 1), np.float32), "displacement": np.zeros((8, 8, 9), np.float32)}
+    rec = R.Reconstruction("x", 0.5, np.ones((2, 8, 8)), maps, maps, {"x_ang": np.zeros(1)}, {"a": 1.0},
+                           {"channels": CHANNELS})
+    R.write_hspy(tmp_path / "ok.hspy", rec)
+    calls = []
+
+    def fail_late(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    real = R._write_signal
+    monkeypatch.setattr(R, "_write_signal", fail_late)
+    with pytest.raises(OSError, match="disk full"):
+        R.write_hspy(tmp_path / "bad.hspy", rec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.hspy"]
+
+
+# ----------------------------------------------------------------------- round trip
+def test_round_trip_on_unseen_specimen(trained_run, unseen, tmp_path):
+    """Four file formats, one reconstruction; displacements at the true column sites
+    beat the zero baseline: all channels together RMSE < 0.75 × zero, the O tilt
+    columns < 0.6 × zero, and the tilt estimate within 8° ± 4°."""
+    from rsciio.emd import file_writer as emd_writer
+    from rsciio.hspy import file_writer as hspy_writer
+    from rsciio.tiff import file_writer as tiff_writer
+    from rsciio.hspy import file_reader
+    from simulation.labels import column_maps, find_columns
+    from stemnet.evaluate import column_rmse
+
+    run, sim = trained_run
+    spec, noisy, pixel = unseen
+    np.save(tmp_path / "npy.npy", noisy)
+    tiff_writer(str(tmp_path / "h.tif"), signal(noisy[0], "HAADF", pixel / 10, "nm"))
+    tiff_writer(str(tmp_path / "a.tif"), signal(noisy[1], "ABF", pixel / 10, "nm"))
+    hspy_writer(str(tmp_path / "hspy.hspy"), signal(noisy, "stack", pixel, "Å", nav=1), show_progressbar=False)
+    emd_writer(str(tmp_path / "emd.emd"), signal(noisy[0], "HAADF", pixel, "Å"))
+    with h5py.File(tmp_path / "emd.emd", "a") as f:
+        f["signals"].copy("HAADF", "ABF")
+        f["signals/ABF/data"][...] = noisy[1].T
+    result = invoke(run, tmp_path / "npy.npy", "--pixel-size", pixel, "--out", tmp_path / "cli", "--no-progress")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.output.startswith("npy: 11.7×11.7 Å at 0.488 Å/px; columns A ")
+    written = {d["metadata"]["General"]["title"]: d["data"] for d in file_reader(str(tmp_path / "cli/npy.hspy"))}
+    recs = [r for r, _ in R.reconstruct_files(run, [tmp_path / "hspy.hspy", tmp_path / "emd.emd"], tmp_path / "out")]
+    recs += [r for r, _ in R.reconstruct_files(run, out=tmp_path / "out", plot=False,
+                                               channels=f"haadf={tmp_path / 'h.tif'},abf={tmp_path / 'a.tif'}")]
+    for rec in recs:  # same pixels, same calibration: the same reconstruction whatever the format
+        assert np.abs(np.moveaxis(rec.maps["displacement"], -1, 0) - written["displacement"]).max() < 1e-4
+        assert np.abs(rec.spread["potential"][..., 0] - written["potential_std"]).max() < 1e-2
+    reference = recs[0]
+
+    h, w = reference.input.shape[1:]
+    assert (h, w) == (24, 24)  # 11.7 Å at the training sampling: larger than the 16 px tile
+    cell = tuple(np.diag(spec.atoms.cell.array)[:2])
+    disp, mask = column_maps(find_columns(spec), cell_ang=cell, fov_ang=w * TRAIN_PIXEL, shape=(h, w),
+                             sigma_ang=sim.label_sigma_ang)
+    truth = np.moveaxis(disp, 0, -1)[None]
+    mask = np.repeat(np.moveaxis(mask, 0, -1), 3, axis=-1)[None]
+    pred = reference.maps["displacement"][None]
+    model, zero = column_rmse(truth, pred, mask), column_rmse(truth, 0 * pred, mask)
+    total = lambda d: float(np.sqrt(np.mean(np.square(list(d.values())))))  # noqa: E731
+    o_model = np.hypot(model["O_dx"], model["O_dy"])
+    o_zero = np.hypot(zero["O_dx"], zero["O_dy"])
+    print(f"\nround trip: displacement RMSE model {total(model):.4f} Å, zero baseline {total(zero):.4f} Å; "
+          f"O in-plane {o_model:.4f} vs {o_zero:.4f} Å; tilt {reference.summary['tilt_deg']:.2f}° "
+          f"± {reference.summary['tilt_spread_deg']:.2f}° (truth 8°)")
+    assert total(model) < 0.75 * total(zero)
+    assert o_model < 0.6 * o_zero
+    assert abs(reference.summary["tilt_deg"] - 8.0) < 4.0
+    assert reference.summary["A"]["count"] >= 4 and reference.summary["O"]["count"] >= 8
+    assert np.all(reference.spread["displacement"] >= 0) and reference.spread["displacement"].max() > 0
