@@ -132,7 +132,7 @@ def draw_specimen(cfg: SimulationConfig, index: int):
     return specimen, rng
 
 
-def translate(specimen, shift_ang) -> "Specimen":
+def translate(specimen, shift_ang):
     """The same crystal moved by ``-shift_ang`` (x, y; Å), wrapped into its periodic cell:
     the field of view [0, fov) then starts at ``shift_ang`` of the original crystal."""
     from simulation.structures import Specimen

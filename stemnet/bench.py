@@ -7,10 +7,8 @@ figures the README reports. Nothing here asserts a speed: tests do not time thin
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional

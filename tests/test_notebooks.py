@@ -1,6 +1,5 @@
 """The walk-through notebooks execute top to bottom (nbclient), so they never rot."""
 
-import os
 from pathlib import Path
 
 import nbformat
