@@ -58,6 +58,7 @@ def compare_with_truth(rec) -> dict:
 def run_demo(root: Path = REPO / "demo", *, tiny: bool = False, workers: int = 2, progress: bool = True) -> Path:
     """Run (or resume) the demo under ``root``; returns the path of REPORT.md."""
     from simulation.generator import generate
+    from stemnet.data import close_shards
     from stemnet.evaluate import evaluate, format_table
     from stemnet.reconstruct import reconstruct_files
     from stemnet.stage import plot_samples
@@ -71,6 +72,7 @@ def run_demo(root: Path = REPO / "demo", *, tiny: bool = False, workers: int = 2
     times = {}
 
     t0 = time.perf_counter()
+    close_shards(data)  # the data pipeline keeps shards open per process; the generator reopens them
     sim = generate(sim_cfg, data, workers=workers, progress=progress)
     times["simulate"] = time.perf_counter() - t0
     log.info("demo: %d samples simulated (%d new)", sim_cfg.num_samples, sim["written"])
@@ -85,6 +87,7 @@ def run_demo(root: Path = REPO / "demo", *, tiny: bool = False, workers: int = 2
     t0 = time.perf_counter()
     evaluation = evaluate(run, data, "test", plot=figures / "evaluate.png")
     (root / "evaluate.json").write_text(json.dumps(evaluation, indent=1) + "\n")
+    close_shards(data)
     times["evaluate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
