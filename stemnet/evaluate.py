@@ -286,7 +286,9 @@ def plot_predictions(path: Path, inputs, truth, pred, n: int = 3) -> None:
         for h, head in enumerate(heads):
             ch = 0 if head == "potential" else 3  # displacement: B_dx
             t, p = truth[head][i, ..., ch], pred[head][i, ..., ch]
-            label = "V·Å" if head == "potential" else "B dx Å"
+            label = "V·Å" if head == "potential" else "B dx Å, at B columns"
+            if head == "displacement":  # the loss and the metrics only see the columns
+                p = p * truth["displacement_mask"][i, ..., ch]
             for j, (img, title, cmap) in enumerate([(t, "truth", "viridis"), (p, "prediction", "viridis"),
                                                     (p - t, "error", "coolwarm")]):
                 ax = axes[i, 1 + 3 * h + j]
