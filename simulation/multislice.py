@@ -102,8 +102,14 @@ def _abtem_settings(fft_threads: int = 1) -> Iterator[None]:
 
     FFTW plans with FFTW_ESTIMATE: FFTW_MEASURE (abTEM's default) times candidate
     algorithms at run time, so two processes can pick different ones and a sample would
-    no longer be bit-for-bit a function of (seed, index).
+    no longer be bit-for-bit a function of (seed, index). FFTW also reuses wisdom of a
+    more rigorous planner for an ESTIMATE plan, so the process's wisdom is forgotten first
+    (a MEASURE plan made earlier, e.g. by the naive-abTEM benchmark, would leak in).
     """
+    if _fft_backend() == "fftw":
+        import pyfftw
+
+        pyfftw.forget_wisdom()
     settings = {
         "device": "cpu",
         "precision": "float32",

@@ -5,17 +5,18 @@ from __future__ import annotations
 import logging
 import sys
 
-from stemnet.ranks import rank_info
+from stemnet.ranks import RankInfo, rank_info
 
 LOGGER_NAME = "stemnet"
 
 
-def setup_logging(verbose: bool = False, *, stream=None) -> logging.Logger:
+def setup_logging(verbose: bool = False, *, stream=None, info: RankInfo | None = None) -> logging.Logger:
     """Configure and return the ``stemnet`` logger for this process's rank.
 
     Call again after ``hvd.init()``: the rank is re-read and the handler replaced.
+    ``info`` overrides the detected rank/world.
     """
-    info = rank_info()
+    info = info or rank_info()
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)

@@ -160,3 +160,17 @@ def test_bad_input_is_one_line(tmp_path, override, message):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     import re
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_sample_unchanged_after_abtem_measure_planning(tiny_config):
+    """FFTW wisdom from abTEM's default FFTW_MEASURE planning must not change a sample."""
+    from simulation import multislice
+    from simulation.generator import draw_specimen
+
+    before, _ = simulate_sample(tiny_config, 0)
+    specimen, _ = draw_specimen(tiny_config, 0)
+    multislice.naive_abtem_cbed(specimen.atoms, energy_ev=2e5, convergence_mrad=20, grid=(1, 1),
+                                fov_ang=((0, 0), (7.81, 7.81)), k=16, max_angle_mrad=40, sampling_ang=0.08,
+                                slice_thickness_ang=1.95)
+    after, _ = simulate_sample(tiny_config, 0)
+    assert all(np.array_equal(before[k], after[k]) for k in before)

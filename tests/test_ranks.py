@@ -51,7 +51,8 @@ def _log_lines(monkeypatch, env):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     stream = io.StringIO()
-    logger = setup_logging(stream=stream)
+    # the launcher's view (Horovod may be initialised in this test process by other tests)
+    logger = setup_logging(stream=stream, info=launcher_rank())
     logger.info("hello")
     logger.warning("careful")
     return stream.getvalue().splitlines()

@@ -105,7 +105,7 @@ def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: O
     from stemnet.models import build_model
     from stemnet.shards import read_manifest
     from stemnet.train.losses import total_loss
-    from stemnet.train.optim import build_optimizer
+    from stemnet.train.optim import EMA, build_optimizer
     from stemnet.train.schedule import WarmupDecay
     from stemnet.train.step import make_train_step
 
@@ -128,9 +128,7 @@ def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: O
     opt.build(model.trainable_variables)  # slots exist before the first step: restore/broadcast see them
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
-    ema = tf.train.ExponentialMovingAverage(tcfg.ema_decay) if tcfg.ema_decay else None
-    if ema is not None:
-        ema.apply(model.trainable_variables)
+    ema = EMA(model.trainable_variables, tcfg.ema_decay) if tcfg.ema_decay else None
     ckpt = tf.train.Checkpoint(model=model, optimizer=opt, step=step, skipped=skipped,
                                **({"ema": ema} if ema is not None else {}))
     manager = tf.train.CheckpointManager(ckpt, str(run / runfiles.CHECKPOINTS), max_to_keep=tcfg.keep_checkpoints)
@@ -273,8 +271,8 @@ def _export(run: Path, model, ema) -> None:
     tmp = export / f".{runfiles.WEIGHTS}.{os.getpid()}.tmp.h5"
     if ema is not None:
         backup = [v.numpy() for v in model.trainable_variables]
-        for v in model.trainable_variables:
-            v.assign(ema.average(v))
+        for v, shadow in zip(model.trainable_variables, ema.shadow):
+            v.assign(shadow)
         model.save_weights(str(tmp))
         for v, value in zip(model.trainable_variables, backup):
             v.assign(value)

@@ -55,3 +55,21 @@ def all_finite(grads: Sequence[tf.Tensor]) -> tf.Tensor:
     """True when every gradient entry is finite (a skipped step otherwise)."""
     checks = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
     return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+
+class EMA(tf.Module):
+    """Exponential moving average of the trainable weights, checkpointed with the run.
+
+    ``shadow = decay · shadow + (1 − decay) · w`` after every applied step; the export
+    writes the shadow weights. (``tf.train.ExponentialMovingAverage`` is not trackable by
+    ``tf.train.Checkpoint``, so resuming would lose it.)
+    """
+
+    def __init__(self, variables: Sequence[tf.Variable], decay: float):
+        super().__init__(name="ema")
+        self.decay = float(decay)
+        self.shadow = [tf.Variable(v, trainable=False, name=f"ema_{i}") for i, v in enumerate(variables)]
+
+    def apply(self, variables: Sequence[tf.Variable]) -> None:
+        for shadow, v in zip(self.shadow, variables):
+            shadow.assign(self.decay * shadow + (1.0 - self.decay) * tf.cast(v, shadow.dtype))
