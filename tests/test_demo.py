@@ -2,7 +2,6 @@
 
 import re
 import shlex
-from pathlib import Path
 
 import click
 import pytest
@@ -48,7 +47,7 @@ def test_readme_command_exists(line):
         return
     assert ".venv/bin/stemnet" in words, line
     args = words[words.index(".venv/bin/stemnet") + 1:]
-    command, ctx = cli, None
+    command = cli
     while isinstance(command, click.Group) and args and not args[0].startswith("-"):
         name, args = args[0], args[1:]
         assert name in command.commands, f"{line}: no sub-command {name!r}"
