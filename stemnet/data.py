@@ -496,6 +496,24 @@ def epoch_order(plan: SplitPlan, epoch: int, *, shuffle: bool = True, seed: int 
 # ============================================================================ shard cache
 _ENVS: Dict[Tuple[int, str], lmdb.Environment] = {}
 _ENV_LOCK = threading.Lock()
+_ENV_IDLE = threading.Condition(_ENV_LOCK)  # signalled when a read transaction ends
+_ENV_BUSY: Dict[int, int] = {}  # id(env) -> read transactions in flight
+
+
+@contextlib.contextmanager
+def _reading(env: lmdb.Environment):
+    """A read transaction that :func:`close_shards` waits for: closing an environment
+    under a transaction still decoding from its zero-copy buffers would crash the process
+    (a prefetching dataset's threads can outlive the loop that iterated it)."""
+    with _ENV_IDLE:
+        _ENV_BUSY[id(env)] = _ENV_BUSY.get(id(env), 0) + 1
+    try:
+        with env.begin(buffers=True) as txn:
+            yield txn
+    finally:
+        with _ENV_IDLE:
+            _ENV_BUSY[id(env)] -= 1
+            _ENV_IDLE.notify_all()
 
 
 def _shard_env(path: Path, readahead: bool = False) -> lmdb.Environment:
@@ -546,13 +564,16 @@ def close_shards(under=None) -> int:
     """
     root = None if under is None else str(Path(under).resolve())
     closed = 0
-    with _ENV_LOCK:
+    with _ENV_IDLE:
         for key in list(_ENVS):
             if key[0] != os.getpid() and root is None:
                 _ENVS.pop(key)  # inherited through fork: never use, never close
                 continue
             if root is None or key[1] == root or key[1].startswith(root + os.sep):
-                _ENVS.pop(key).close()
+                env = _ENVS.pop(key)
+                _ENV_IDLE.wait_for(lambda: _ENV_BUSY.get(id(env), 0) == 0, timeout=60)
+                _ENV_BUSY.pop(id(env), None)
+                env.close()
                 closed += 1
     return closed
 
@@ -799,7 +820,7 @@ class _Loader:
         for k in np.unique(shard_of).tolist():
             shard = self.shards[k]
             rows = np.nonzero(shard_of == k)[0].tolist()
-            with shard.env.begin(buffers=True) as txn:
+            with _reading(shard.env) as txn:
                 for i in rows:
                     key = keys[i]
                     raw = txn.get(key)
