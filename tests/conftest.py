@@ -13,6 +13,29 @@ TINY_SIMULATION = REPO / "configs/simulation/tiny.yaml"
 TINY_TRAINING = REPO / "configs/training/tiny.yaml"
 
 
+def poke(path, index, transform):
+    """Rewrite sample ``index`` of a shard with ``transform(raw record bytes)`` (damage it)."""
+    import lmdb
+
+    from stemnet.shards import sample_key
+
+    env = lmdb.open(str(path), subdir=False)
+    with env.begin(write=True) as txn:
+        key = sample_key(index)
+        txn.put(key, transform(bytes(txn.get(key))))
+    env.close()
+
+
+@pytest.fixture(autouse=True)
+def _release_shards():
+    """Close the data pipeline's cached shard handles after each test (py-lmdb allows
+    one handle per file and process; the next test may reopen or rewrite the shards)."""
+    yield
+    from stemnet.data import close_shards
+
+    close_shards()
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from stemnet.config import load_config

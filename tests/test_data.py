@@ -5,11 +5,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import lmdb
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import poke
 from stemnet.data import (
     Normalization,
     assign_shards,
@@ -30,7 +30,6 @@ from stemnet.shards import (
     ShardWriter,
     finalize_manifest,
     read_manifest,
-    sample_key,
     shard_path,
 )
 
@@ -66,11 +65,6 @@ def build(root, counts=(5, 4), split="train", mode="cbed", fields=None, sample_f
     finalize_manifest(root, extra=extra)
     return root
 
-
-@pytest.fixture(autouse=True)
-def _release_shards():
-    yield
-    close_shards()
 
 
 def batches(ds):
@@ -348,13 +342,6 @@ def test_header_disagreeing_with_manifest(tmp_path):
     message = one_line(err)
     assert "shard-00001.lmdb" in message and "count 5" in message
 
-
-def poke(path, index, transform):
-    env = lmdb.open(str(path), subdir=False)
-    with env.begin(write=True) as txn:
-        key = sample_key(index)
-        txn.put(key, transform(bytes(txn.get(key))))
-    env.close()
 
 
 @pytest.mark.parametrize("damage,reason", [

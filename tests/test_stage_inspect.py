@@ -5,13 +5,13 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import lmdb
 import numpy as np
 import pytest
 
+from conftest import poke
 from stemnet.data import close_shards, make_dataset
 from stemnet.errors import UserError
-from stemnet.shards import FieldSpec, ShardError, ShardWriter, finalize_manifest, sample_key, shard_path
+from stemnet.shards import FieldSpec, ShardError, ShardWriter, finalize_manifest, shard_path
 from stemnet.stage import inspect_dataset, plot_samples, stage, staged_shards
 
 META = {"generator": "test", "generator_version": "1", "config_digest": "d1", "seed": 3}
@@ -54,18 +54,6 @@ def build(root, layout=None, mode="cbed", extra=None):
     return root
 
 
-@pytest.fixture(autouse=True)
-def _release_shards():
-    yield
-    close_shards()
-
-
-def poke(path, index, transform):
-    env = lmdb.open(str(path), subdir=False)
-    with env.begin(write=True) as txn:
-        key = sample_key(index)
-        txn.put(key, transform(bytes(txn.get(key))))
-    env.close()
 
 
 def flip_last_byte(raw):

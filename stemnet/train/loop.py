@@ -99,7 +99,7 @@ def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: O
     import tensorflow as tf
     from tqdm import tqdm
 
-    from stemnet.data import make_dataset
+    from stemnet.data import make_dataset, plan_split
     from stemnet.distributed.grouping import describe, make_groups
     from stemnet.distributed.runtime import init_horovod
     from stemnet.models import build_model
@@ -140,20 +140,16 @@ def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: O
         hvd.broadcast_variables(opt.variables, root_rank=0)
 
     start_step = int(step.numpy())
+    # exact data position on resume: the same epoch order, the batches already seen skipped
+    per_epoch = plan_split(manifest, "train", rank=rank, world=world, batch_size=tcfg.batch_size,
+                           where=str(data_dir)).batches_per_epoch
     train_ds = make_dataset(
         data_dir, "train", rank=rank, world=world, batch_size=tcfg.batch_size, targets=dcfg.targets,
         shuffle=True, seed=tcfg.seed, augment=dcfg.augment, cbed_normalization=dcfg.cbed_normalization,
         noise_std=dcfg.noise_std, verify_crc=dcfg.verify_crc, repeat=True,
+        epoch=start_step // per_epoch, start_batch=start_step % per_epoch,
     )
-    per_epoch = train_ds.stemnet_plan.batches_per_epoch
     norm = train_ds.stemnet_normalization
-    if start_step:  # exact data position: same epoch order, the batches already seen skipped
-        train_ds = make_dataset(
-            data_dir, "train", rank=rank, world=world, batch_size=tcfg.batch_size, targets=dcfg.targets,
-            shuffle=True, seed=tcfg.seed, augment=dcfg.augment, cbed_normalization=dcfg.cbed_normalization,
-            noise_std=dcfg.noise_std, verify_crc=dcfg.verify_crc, repeat=True,
-            epoch=start_step // per_epoch, start_batch=start_step % per_epoch,
-        )
     has_val = manifest["splits"].get("val", {}).get("count", 0) >= world
     if rank == 0:
         runfiles.save_run_files(run, cfg, info, norm.to_dict())
