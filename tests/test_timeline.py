@@ -117,6 +117,7 @@ TRAIN = textwrap.dedent("""
     import json, os
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     import tensorflow as tf
+    import time
     import horovod.tensorflow as hvd
     from stemnet.distributed.grouping import make_groups
     hvd.init()
@@ -143,6 +144,7 @@ TRAIN = textwrap.dedent("""
         step()
     if hvd.rank() == 0:
         print("INFO " + json.dumps({"variables": len(variables), "groups": len(groups)}), flush=True)
+    time.sleep(1.0)  # let Horovod's timeline writer thread drain: at exit its last events can be lost
 """)
 
 
