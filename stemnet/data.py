@@ -92,6 +92,7 @@ import numpy as np
 
 from stemnet import shards as _shards
 from stemnet.errors import UserError
+from stemnet.gather import gather, index_table
 from stemnet.log import get_logger
 from stemnet.shards import (
     FORMAT_VERSION,
@@ -612,20 +613,24 @@ class _Shard:
         slots, self.payload = _shards._layout(self.header)
         self.slots = {s.name: s for s in slots}
 
-    def decode(self, raw, verify: bool, key: bytes) -> Dict[str, np.ndarray]:
-        """Fast path of :func:`shards.decode_record` (layout precomputed); on any
-        problem, defer to it for the canonical one-line error."""
+    def check(self, raw, verify: bool, key: bytes) -> None:
+        """Raise the canonical one-line :class:`ShardError` (shard and key) unless ``raw``
+        is a well-formed record of this shard's layout (and, if ``verify``, its CRC holds)."""
         size = len(raw)
         ok = size == RECORD_HEADER.size + self.payload
         if ok:
             magic, version, _flags, length, crc = RECORD_HEADER.unpack_from(raw)
             ok = magic == MAGIC and version == FORMAT_VERSION and length == self.payload
             if ok and verify:
-                ok = zlib.crc32(memoryview(raw)[RECORD_HEADER.size:]) == crc
-        where = f"{self.path}:{key.decode()}"
+                ok = zlib.crc32(raw[RECORD_HEADER.size:]) == crc
         if not ok:
+            where = f"{self.path}:{key.decode()}"
             decode_record(self.header, raw, verify, where)  # raises with the reason
             raise ShardError(f"{where}: record does not match the shard layout")
+
+    def decode(self, raw, verify: bool, key: bytes) -> Dict[str, np.ndarray]:
+        """Fast path of :func:`shards.decode_record` (layout precomputed)."""
+        self.check(raw, verify, key)
         base = RECORD_HEADER.size
         return {name: np.frombuffer(raw, s.dtype, s.count, base + s.offset).reshape(s.shape)
                 for name, s in self.slots.items()}
@@ -718,13 +723,12 @@ def _origin(name: str) -> float:
 
 # ============================================================================ batch loader
 class _Loader:
-    """One batch of records → channels-first arrays (numpy, in a ``tf.numpy_function``),
-    then → normalised channels-last tensors (TF ops, outside the GIL: :meth:`finish`).
+    """One batch of records → channels-last, normalised, augmented numpy arrays (in a
+    ``tf.numpy_function``), which TensorFlow wraps without copying (:meth:`finish`).
 
-    The numpy side only reads, checks and copies (contiguous copies, through the
-    symmetry's views when augmenting); transposes, normalisation, noise and the mask
-    run as TF graph ops, which are faster than numpy's strided copies and overlap
-    with the next batch's reads.
+    Records are copied (and checked) into one staging buffer, then each output field is
+    made in a single compiled pass (:mod:`stemnet.gather`: transpose, symmetry,
+    normalisation, vector signs, mask, finiteness check) that releases the GIL.
     """
 
     def __init__(self, root: Path, manifest: dict, plan: SplitPlan, *, targets, norm: Normalization,
@@ -754,10 +758,12 @@ class _Loader:
         self.rec_shard = np.concatenate(
             [np.full(len(s.indices), k, np.int32) for k, s in enumerate(self.shards)])
         self.rec_index = np.concatenate([s.indices for s in self.shards])
+        self.slots = self.shards[0].slots  # every shard's header matches the manifest
+        self.record_size = RECORD_HEADER.size + self.shards[0].payload
+        self.row = -(-self.record_size // 64) * 64  # staging rows stay 64-byte aligned
         self.grid = grid if norm.kind == "cbed" else None
         self.origin = _origin(probe_grid_origin)
-        self.input_cf = tuple(fields[self.input].shape)
-        c, h, w = self.input_cf
+        c, h, w = self.input_cf = tuple(fields[self.input].shape)
         labels = [n for n in ("potential", "displacement", "columns") if n in fields]
         self.map_hw = tuple(fields[labels[0]].shape[1:]) if labels else (h, w)
         self.has_columns = "columns" in fields
@@ -775,20 +781,39 @@ class _Loader:
         self.corrupt = 0
         self._count_lock = threading.Lock()
         self.corrupt_seen: set = set()
+        self._tables()
+        self._packing()
+
+    def _tables(self):
+        """Per symmetry element ``e = 4·transpose + 2·flip_y + flip_x``: the source pixel
+        of every output pixel and the source channel of every output channel."""
+        elements = [((e >> 2) & 1, (e >> 1) & 1, e & 1) for e in range(8)]
+        c = self.input_cf[0]
+        self.map_pix = index_table(self.map_hw, elements, d4_array)
+        if self.grid is not None:
+            gx, gy = self.grid
+            self.input_chan = index_table((gy, gx), elements, lambda g, e: d4_array(g, e, origin=self.origin))
+        else:
+            self.input_chan = np.tile(np.arange(c), (8, 1))
+        self.input_pix = index_table(self.input_cf[1:], elements, d4_array)
+        self.disp_chan = np.stack([SWAP_XY if e[0] else np.arange(9) for e in elements])
+        self.disp_sign = np.ones((8, 9), np.float32)
+        for k, (_, fy, fx) in enumerate(elements):
+            self.disp_sign[k, DY] = -1.0 if fy else 1.0
+            self.disp_sign[k, DX] = -1.0 if fx else 1.0
+        self.mask_chan = np.tile(np.repeat(np.arange(3), 3), (8, 1))
 
     # -- what the numpy side returns
     def outputs(self) -> List[Tuple[str, object, tuple]]:
         """(name, numpy dtype, shape without batch) of the numpy function's results."""
         h, w = self.map_hw
-        out = [("inputs", np.float32, self.input_cf)]
+        c, ih, iw = self.input_cf
+        out = [("inputs", np.float32, (ih, iw, c))]
         if "potential" in self.targets:
-            out.append(("potential", np.float32, (1, h, w)))
+            out.append(("potential", np.float32, (h, w, 1)))
         if "displacement" in self.targets:
-            out.append(("displacement", np.float32, (9, h, w)))
-            if self.has_columns:
-                out.append(("columns", np.float32, (3, h, w)))
-            if self.augment:
-                out.append(("sign", np.float32, (9,)))
+            out.append(("displacement", np.float32, (h, w, 9)))
+            out.append(("displacement_mask", np.float32, (h, w, 9)))
         out.append(("weight", np.float32, ()))
         if self.include_index:
             out.append(("index", np.int64, ()))
@@ -797,6 +822,30 @@ class _Loader:
         if self.noise_std > 0:
             out.append(("noise_seed", np.int64, (2,)))
         return out
+
+    def _packing(self):
+        """(name, shape, start, stop) of each float32 output in a row of the packed batch
+        (one numpy-function result instead of several: each costs ~70 µs to hand over),
+        and (name, shape) of the int64 outputs returned beside it."""
+        self.layout, self.extras, start = [], [], 0
+        for name, dtype, shape in self.outputs():
+            if dtype == np.float32:
+                size = int(np.prod(shape, dtype=np.int64))
+                self.layout.append((name, tuple(shape), start, start + size))
+                start += size
+            else:
+                self.extras.append((name, tuple(shape)))
+        self.packed_size = start
+
+    def _allocate(self, B: int) -> Dict[str, np.ndarray]:
+        """Output arrays: views into one packed ``(B, row)`` float32 buffer, plus extras."""
+        packed = _aligned((B, self.packed_size), np.float32)
+        arrays = {"packed": packed}
+        for name, shape, start, stop in self.layout:
+            arrays[name] = packed[:, start:stop].reshape((B,) + shape)
+        for name, shape in self.extras:
+            arrays[name] = _aligned((B,) + shape, np.int64)
+        return arrays
 
     # -- the per-batch call
     def __call__(self, ids, weights, epoch, batch):
@@ -808,54 +857,117 @@ class _Loader:
     def _load(self, ids, weights, epoch, batch):
         B = len(ids)
         rng = np.random.default_rng([self.seed, epoch, self.rank, batch, 0xA06])
-        arrays = {name: _aligned((B,) + shape, dtype) for name, dtype, shape in self.outputs()}
-        if self.augment:
-            elements = rng.integers(0, self.elements, size=B)
-            bits = np.stack([(elements >> 2) & 1, (elements >> 1) & 1, elements & 1], axis=1)
-        else:
-            bits = np.zeros((B, 3), np.int64)
+        elements = rng.integers(0, self.elements, size=B) if self.augment else np.zeros(B, np.int64)
         shard_of = self.rec_shard[ids]
         index_of = self.rec_index[ids]
         keys = [b"%010d" % k for k in index_of.tolist()]
+        stage = self._read(ids, weights, shard_of, keys)
+        arrays = self._allocate(B)
+        finite = self._assemble(stage, elements, arrays)
+        for name, ok in finite.items():
+            for i in np.nonzero(~ok)[0].tolist():
+                message = (f"{self.shards[shard_of[i]].path}:{keys[i].decode()}: "
+                           f"non-finite values (NaN or Inf) in {name}")
+                if not self.skip_corrupt:
+                    raise ShardError(message)
+                self._skip(arrays, i, weights, message, (self.shards[shard_of[i]].path, keys[i]))
+        arrays["weight"][:] = weights
+        if self.include_index:
+            arrays["index"][:] = index_of
+        if self.include_params:
+            s = self.slots[_shards.PARAMS]
+            start = RECORD_HEADER.size + s.offset
+            arrays["params"][:] = stage[:, start:start + s.count * s.dtype.itemsize].view(s.dtype)
+        if "noise_seed" in arrays:
+            arrays["noise_seed"][:] = rng.integers(0, 2**62, size=(B, 2))
+        if batch == self.batches_per_epoch - 1 and self.corrupt:
+            log.warning("epoch %d: %d corrupt record(s) skipped so far (rank %d)", epoch, self.corrupt, self.rank)
+        return (arrays["packed"],) + tuple(arrays[name] for name, _ in self.extras)
+
+    def _read(self, ids, weights, shard_of, keys) -> np.ndarray:
+        """The batch's records, checked, one per 64-byte-aligned row of a staging buffer
+        (a corrupt record skipped with ``skip_corrupt`` leaves a row of zeros)."""
+        stage = _aligned((len(ids), self.row), np.uint8)
+        size = self.record_size
         for k in np.unique(shard_of).tolist():
             shard = self.shards[k]
-            rows = np.nonzero(shard_of == k)[0].tolist()
             with _reading(shard.env) as txn:
-                for i in rows:
+                for i in np.nonzero(shard_of == k)[0].tolist():
                     key = keys[i]
-                    raw = txn.get(key)
                     try:
+                        raw = txn.get(key)
                         if raw is None:
                             raise ShardError(f"{shard.path}:{key.decode()}: no such record")
-                        verify = self.verify
-                        if verify and self.verified is not None:
-                            verify = not self.verified[ids[i]]
-                        sample = shard.decode(raw, verify, key)
-                        self._place(arrays, i, sample, bits[i])
+                        verify = self.verify and (self.verified is None or not self.verified[ids[i]])
+                        shard.check(raw, verify, key)
+                        stage[i, :size] = raw
                         if verify and self.verified is not None:
                             self.verified[ids[i]] = True
                     except ShardError as error:
                         if not self.skip_corrupt:
                             raise
-                        self._skip(arrays, i, weights, str(error), (shard.path, key))
-        self._check_finite(arrays, weights, [(self.shards[k].path, key) for k, key in zip(shard_of.tolist(), keys)])
-        arrays["weight"][:] = weights
-        if "sign" in arrays:
-            sign = arrays["sign"]
-            sign[:] = 1.0
-            sign[:, DY] = np.where(bits[:, 1:2] == 1, -1.0, 1.0)
-            sign[:, DX] = np.where(bits[:, 2:3] == 1, -1.0, 1.0)
-        if self.include_index:
-            arrays["index"][:] = index_of
-        if "noise_seed" in arrays:
-            arrays["noise_seed"][:] = rng.integers(0, 2**62, size=(B, 2))
-        if batch == self.batches_per_epoch - 1 and self.corrupt:
-            log.warning("epoch %d: %d corrupt record(s) skipped so far (rank %d)", epoch, self.corrupt, self.rank)
-        return tuple(arrays[name] for name, _, _ in self.outputs())
+                        stage[i] = 0
+                        self._skip({}, i, weights, str(error), (shard.path, key))
+        return stage
+
+    def _field(self, stage, name) -> np.ndarray:
+        """Field ``name`` of every staged record as a float32 ``(B, C, H·W)`` array (a view
+        when the stored dtype is aligned float32)."""
+        s = self.slots[name]
+        start = RECORD_HEADER.size + s.offset
+        view = stage[:, start:start + s.count * s.dtype.itemsize].view(s.dtype)
+        view = view.reshape(len(stage), s.shape[0], -1)
+        if view.dtype != np.float32 or not view.flags.aligned:
+            view = view.astype(np.float32)
+        return view
+
+    def _assemble(self, stage, elements, arrays) -> Dict[str, np.ndarray]:
+        """Fill the output arrays from the staged records; per source field, a ``(B,)``
+        array that is False where the record holds NaN or Inf."""
+        B = len(stage)
+        norm = self.norm
+        finite = {}
+
+        def run(field, out, chan, pix, sub, mul, nonlinear="none"):
+            src = self._field(stage, field)
+            sub = np.broadcast_to(np.asarray(sub, np.float32), (B, chan.shape[1]))
+            mul = np.broadcast_to(np.asarray(mul, np.float32), (B, chan.shape[1]))
+            flat = out.reshape(B, -1, out.shape[-1])
+            finite[field] = gather(src, elements, chan, pix, sub, mul, flat, nonlinear)
+            return src
+
+        chan = self.input_chan[elements]
+        if norm.method == "none":
+            sub, mul, nonlinear = 0.0, 1.0, "none"
+        elif norm.kind == "cbed" and norm.method == "standardize":
+            src = self._field(stage, self.input)
+            mean = src.mean(axis=2, dtype=np.float32)
+            std = np.sqrt(np.square(src - mean[..., None]).mean(axis=2)) + np.float32(EPS)
+            sub = np.take_along_axis(mean, chan, axis=1)
+            mul = np.take_along_axis(np.float32(1.0) / std, chan, axis=1)
+            nonlinear = "none"
+        elif norm.kind == "cbed":
+            sub, mul, nonlinear = 0.0, np.float32(1.0 / norm.scale), norm.method
+        else:
+            sub = np.asarray(norm.channel_mean, np.float32)[chan]
+            mul = (1.0 / np.asarray(norm.channel_std, np.float32))[chan]
+            nonlinear = "none"
+        run(self.input, arrays["inputs"], self.input_chan, self.input_pix, sub, mul, nonlinear)
+        if "potential" in arrays:
+            run("potential", arrays["potential"], np.zeros((8, 1), np.int64), self.map_pix,
+                np.float32(norm.potential_mean), np.float32(1.0 / norm.potential_std))
+        if "displacement" in arrays:
+            mul = self.disp_sign[elements] * np.float32(1.0 / norm.displacement_scale)
+            run("displacement", arrays["displacement"], self.disp_chan, self.map_pix, 0.0, mul)
+            if self.has_columns:
+                run("columns", arrays["displacement_mask"], self.mask_chan, self.map_pix, 0.0, 1.0)
+            else:
+                arrays["displacement_mask"][...] = 1.0
+        return finite
 
     def _skip(self, arrays, i, weights, message, ident):
         weights[i] = 0.0
-        for name in ("inputs", "potential", "displacement", "columns", "params"):
+        for name in ("inputs", "potential", "displacement", "displacement_mask", "params"):
             if name in arrays:
                 arrays[name][i] = 0
         with self._count_lock:
@@ -864,85 +976,24 @@ class _Loader:
                 self.corrupt += 1
                 log.warning("skipping corrupt record (%d so far): %s", self.corrupt, message)
 
-    def _place(self, arrays, i, sample, element):
-        """Copy one decoded record into row ``i`` of the channels-first batch, through the
-        symmetry ``element`` (vector signs are applied later, from ``sign``)."""
-        t, fy, fx = element
-        x = sample[self.input]
-        if not (t or fy or fx):  # plain contiguous copies
-            arrays["inputs"][i] = x
-            for name in ("potential", "displacement", "columns"):
-                if name in arrays:
-                    arrays[name][i] = sample[name]
-        else:
-            if self.grid is not None:
-                gx, gy = self.grid
-                g = x.reshape((gy, gx) + x.shape[1:])
-                g = d4_array(g, element, axes=(0, 1), origin=self.origin)
-                g = d4_array(g, element, axes=(2, 3))
-                arrays["inputs"][i].reshape(g.shape)[...] = g
-            else:
-                arrays["inputs"][i] = d4_array(x, element)
-            if "potential" in arrays:
-                arrays["potential"][i] = d4_array(sample["potential"], element)
-            if "displacement" in arrays:
-                view = d4_array(sample["displacement"], element)
-                if t:
-                    arrays["displacement"][i][SWAP_XY] = view
-                else:
-                    arrays["displacement"][i] = view
-            if "columns" in arrays:
-                arrays["columns"][i] = d4_array(sample["columns"], element)
-        if "params" in arrays:
-            arrays["params"][i] = sample["params"]
-
-    def _check_finite(self, arrays, weights, where):
-        """NaN/Inf anywhere in a batch: name the record (one fast dot product per field)."""
-        for name in ("inputs", "potential", "displacement"):
-            value = arrays.get(name)
-            if value is None:
-                continue
-            flat = value.reshape(-1)
-            if np.isfinite(np.dot(flat, flat)):
-                continue
-            bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)
-            for i in np.nonzero(bad)[0]:
-                path, key = where[i]
-                message = f"{path}:{key.decode()}: non-finite values (NaN or Inf) in {self.input if name == 'inputs' else name}"
-                if not self.skip_corrupt:
-                    raise ShardError(message)
-                self._skip(arrays, i, weights, message, (path, key))
-
     # -- the TF side
     def finish(self, values):
-        """Numpy results → ``(inputs, targets)``: channels-last, normalised (TF ops)."""
+        """Numpy results → ``(inputs, targets)`` (shapes set; noise added as a TF op)."""
         import tensorflow as tf
 
         B = self.batch_size
-        named = {}
-        for value, (name, _, shape) in zip(values, self.outputs()):
-            value.set_shape((B,) + tuple(shape))
+        packed, *extras = values
+        packed.set_shape((B, self.packed_size))
+        named = {name: tf.reshape(packed[:, start:stop], (B,) + shape)
+                 for name, shape, start, stop in self.layout}
+        for value, (name, shape) in zip(extras, self.extras):
+            value.set_shape((B,) + shape)
             named[name] = value
-        x = self.norm.tf_inputs(tf.transpose(named.pop("inputs"), [0, 2, 3, 1]))
+        x = named.pop("inputs")
         if self.noise_std > 0:
             seed = named.pop("noise_seed")[0]  # one draw per batch, from (seed, epoch, rank, batch)
             x = x + tf.random.stateless_normal(tf.shape(x), seed=seed, dtype=tf.float32) * self.noise_std
-        targets = {}
-        h, w = self.map_hw
-        if "potential" in named:
-            targets["potential"] = self.norm.tf_potential(tf.reshape(named.pop("potential"), (B, h, w, 1)))
-        if "displacement" in named:
-            d = tf.transpose(named.pop("displacement"), [0, 2, 3, 1])
-            if "sign" in named:
-                d = d * named.pop("sign")[:, None, None, :]
-            targets["displacement"] = d * np.float32(1.0 / self.norm.displacement_scale)
-            if "columns" in named:
-                cols = tf.repeat(named.pop("columns"), 3, axis=1)
-                targets["displacement_mask"] = tf.transpose(cols, [0, 2, 3, 1])
-            else:
-                targets["displacement_mask"] = tf.ones_like(d)
-        targets.update(named)  # weight, index, params
-        return x, targets
+        return x, named
 
 
 # ============================================================================ tf.data
@@ -1082,7 +1133,7 @@ def make_dataset(
     else:
         n = 1 if repeat is False or repeat is None else int(repeat)
         epochs = tf.data.Dataset.range(int(epoch), int(epoch) + n)
-    tout = [tf.as_dtype(dtype) for _, dtype, _ in loader.outputs()]
+    tout = [tf.float32] + [tf.int64] * len(loader.extras)
 
     def load(ids, weights, e, bn):
         return loader.finish(tf.numpy_function(loader, [ids, weights, e, bn], tout, stateful=True))
