@@ -72,10 +72,11 @@ def _cached_batches(data_dir, cfg, n: int):
     return list(ds.take(n)), tf
 
 
-def bench_train(data_dir, config=REPO / "configs/training/demo.yaml", steps: int = 30) -> dict:
+def bench_train(data_dir, config=REPO / "configs/training/demo.yaml", steps: int = 30,
+                compare: bool = True) -> dict:
     """samples/s of our training step vs Keras ``model.fit`` (same model, data, batch),
-    and of our step in mixed_bfloat16 vs float32. Batches are decoded once and cached in
-    memory so that only the step is timed."""
+    and of our step in mixed_bfloat16 vs float32 (``compare=False``: our float32 step
+    only). Batches are decoded once and cached in memory so that only the step is timed."""
     from stemnet.config import load_config
     from stemnet.models import build_model
     from stemnet.train.loop import data_info
@@ -121,6 +122,9 @@ def bench_train(data_dir, config=REPO / "configs/training/demo.yaml", steps: int
         model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)
         return _rate(lambda: model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0), steps * batch)
 
+    if not compare:
+        return {"config": str(config), "batch": batch, "input_shape": list(shapes[0]),
+                "ours_float32_samples_per_s": ours("float32")}
     fit = keras_fit()
     fp32 = ours("float32")
     bf16 = ours("mixed_bfloat16")
@@ -135,18 +139,64 @@ def bench_train(data_dir, config=REPO / "configs/training/demo.yaml", steps: int
 
 
 # ----------------------------------------------------------------------------- data
-def bench_data_pipeline(data_dir, config=REPO / "configs/training/demo.yaml", batches: int = 200,
-                        train_step_rate: Optional[float] = None) -> dict:
-    """The input pipeline vs a raw LMDB read, an h5py file, and the training step."""
+def synthetic_dataset(root, config=REPO / "configs/simulation/bench.yaml", samples: int = 672,
+                      shards: int = 2, seed: int = 0) -> Path:
+    """A dataset with the field shapes of a simulation config (default: 8x8 probe grid of
+    32x32 CBED patterns, 32x32 label maps: 315 KB per sample), written through the real
+    shard writer but filled with seeded random numbers instead of simulations, for
+    input-pipeline throughput at a realistic record size (the contents do not matter to
+    it: LMDB does not compress). Returns ``root``.
+    """
+    import numpy as np
+
+    from simulation.generator import fields as field_specs
+    from simulation.generator import param_names
     from stemnet.config import load_config
-    from stemnet.data import bench_data
+    from stemnet.shards import ShardWriter, finalize_manifest, shard_path
+
+    cfg = load_config(config, require=("simulation",)).simulation
+    specs = field_specs(cfg)
+    names = param_names(cfg)
+    rng = np.random.default_rng(seed)
+    meta = {"generator": "stemnet.bench.synthetic", "generator_version": "1", "config_digest": "synthetic",
+            "seed": seed}
+    per_shard = -(-samples // shards)
+    record = sum(int(np.prod(s.shape)) * 4 for s in specs.values())
+    for k in range(shards):
+        first, last = k * per_shard, min(samples, (k + 1) * per_shard)
+        with ShardWriter(shard_path(root, "train", k), specs, names, meta, txn_samples=16,
+                         map_size=2 * record * (last - first) + (1 << 20)) as writer:
+            for index in range(first, last):
+                sample = {name: rng.random(spec.shape, dtype=np.float32) for name, spec in specs.items()}
+                writer.write(index, sample, rng.random(len(names)))
+    finalize_manifest(root, extra={"simulation": cfg.model_dump(mode="json"), "param_names": names})
+    return Path(root)
+
+
+def bench_data_pipeline(data_dir, config=REPO / "configs/training/demo.yaml", batches: int = 200,
+                        train_step_rate: Optional[float] = None, large: bool = True,
+                        large_batches: int = 40, tmpdir=None) -> dict:
+    """The input pipeline vs a raw LMDB read, an h5py file, and the training step, from
+    the page cache and from disk; on ``data_dir`` and (``large``) on a synthetic dataset
+    of 315 KB records (:func:`synthetic_dataset`) with as many samples as are read."""
+    import tempfile
+
+    from stemnet.config import load_config
+    from stemnet.data import bench_data, close_shards
 
     cfg = load_config(config, require=("model", "train"))
+    common = dict(batch_size=cfg.train.batch_size, augment=cfg.data.augment, verify_crc=cfg.data.verify_crc,
+                  cold=True, tmpdir=tmpdir)
     if train_step_rate is None:
-        train_step_rate = bench_train(data_dir, config, steps=20)["ours_float32_samples_per_s"]
-    return bench_data(data_dir, batch_size=cfg.train.batch_size, batches=batches,
-                      train_step_rate=train_step_rate, augment=cfg.data.augment,
-                      verify_crc=cfg.data.verify_crc)
+        train_step_rate = bench_train(data_dir, config, steps=20, compare=False)["ours_float32_samples_per_s"]
+    result = bench_data(data_dir, batches=batches, train_step_rate=train_step_rate, **common)
+    if large:
+        with tempfile.TemporaryDirectory(dir=tmpdir) as tmp:
+            root = synthetic_dataset(Path(tmp) / "large", samples=(large_batches + 2) * cfg.train.batch_size)
+            step = bench_train(root, config, steps=10, compare=False)["ours_float32_samples_per_s"]
+            result["large"] = bench_data(root, batches=large_batches, train_step_rate=step, **common)
+            close_shards(root)
+    return result
 
 
 # ------------------------------------------------------------------------- grouping

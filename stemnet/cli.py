@@ -459,9 +459,14 @@ def bench() -> None:
 def _print_ratios(result: dict, json_path) -> None:
     from stemnet.bench import write
 
-    for key, value in result.items():
-        if isinstance(value, float):
-            click.echo(f"{key}: {value:.4g}")
+    def show(values: dict, prefix: str = "") -> None:
+        for key, value in values.items():
+            if isinstance(value, float):
+                click.echo(f"{prefix}{key}: {value:.4g}")
+            elif isinstance(value, dict) and key in ("cold", "large"):
+                show(value, f"{prefix}{key}.")
+
+    show(result)
     write(result, json_path)
     if json_path:
         click.echo(f"written to {json_path}")
@@ -486,13 +491,16 @@ def bench_simulate_cmd(config_file, json_path) -> None:
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Training config  [default: configs/training/demo.yaml].")
+@click.option("--large/--no-large", default=True, show_default=True,
+              help="Also measure a synthetic dataset of 315 KB records (bench.yaml shapes).")
 @JSON_OPTION
-def bench_data_cmd(data_dir, config_file, json_path) -> None:
-    """Input pipeline samples/s vs raw LMDB, h5py, and the training step."""
+def bench_data_cmd(data_dir, config_file, large, json_path) -> None:
+    """Input pipeline samples/s vs raw LMDB, h5py, and the training step (page cache and disk)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from stemnet.bench import REPO, bench_data_pipeline
 
-    _print_ratios(bench_data_pipeline(data_dir, config_file or REPO / "configs/training/demo.yaml"), json_path)
+    _print_ratios(bench_data_pipeline(data_dir, config_file or REPO / "configs/training/demo.yaml",
+                                      large=large), json_path)
 
 
 @bench.command("train")

@@ -1252,6 +1252,23 @@ def _time_h5(h5: Path, rows: List[int], names: List[str]) -> float:
     return time.perf_counter() - t0
 
 
+def _time_ceiling(loader: "_Loader", warm: int, batches: int) -> float:
+    """Seconds for ``batches`` batches of the same tf.data skeleton whose numpy function
+    only allocates the packed batch (no reading, no work): the per-batch cost of the
+    framework itself, which caps any ``numpy_function`` pipeline at this batch size."""
+    import tensorflow as tf
+
+    B = loader.batch_size
+
+    def empty(_):
+        return _aligned((B, loader.packed_size), np.float32)
+
+    ds = tf.data.Dataset.range(1 << 62).map(
+        lambda i: tf.reshape(tf.numpy_function(empty, [i], tf.float32, stateful=True), (B, -1)),
+        num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return _time_pipeline(ds, warm, batches, None)[1]
+
+
 def bench_data(path, *, batch_size: int, batches: Optional[int] = None, seconds: Optional[float] = None,
                split: str = "train", train_step_rate: Optional[float] = None, cold: bool = False,
                tmpdir=None, **kwargs) -> dict:
@@ -1263,22 +1280,25 @@ def bench_data(path, *, batch_size: int, batches: Optional[int] = None, seconds:
     then read (1) with a bare ``txn.get`` loop (the floor: bytes copied, nothing
     decoded) and (2) from an HDF5 file holding the same samples (one dataset per field,
     one chunk per sample; written to a temporary folder first), sample by sample.
+    ``ceiling_samples_per_s`` is the same tf.data skeleton doing no work at all
+    (:func:`_time_ceiling`).
 
     By default every reader works from the page cache (the files are read once
     first): the strictest comparison, where the raw read is a memory copy. With
-    ``cold=True`` the same three passes are repeated with the files dropped from the
-    page cache before each (``posix_fadvise``), as for a first epoch from disk, and
+    ``cold=True`` the three readers are also timed with their files dropped from the
+    page cache before each (``posix_fadvise``), as when the training set is larger than
+    memory, over the first epoch only (later epochs would be cached again), and
     reported under ``"cold"``.
 
     Returns
     -------
     dict
         ``pipeline_samples_per_s``, ``raw_lmdb_samples_per_s``, ``h5py_samples_per_s``,
-        ``ratio_vs_raw_lmdb``, ``ratio_vs_h5py``, ``samples``, ``batch_size``,
-        ``bytes_per_sample``, ``settings``; ``cold`` (the same rates and ratios) if
-        asked; and, if ``train_step_rate`` (samples/s of a training step) is given,
-        ``train_step_samples_per_s`` and ``ratio_vs_train_step`` (pipeline ÷ training:
-        above 1 the input pipeline keeps up).
+        ``ratio_vs_raw_lmdb``, ``ratio_vs_h5py``, ``ceiling_samples_per_s``, ``samples``,
+        ``batch_size``, ``bytes_per_sample``, ``settings``; ``cold`` (the same rates and
+        ratios) if asked; and, if ``train_step_rate`` (samples/s of a training step) is
+        given, ``train_step_samples_per_s`` and ``ratio_vs_train_step`` (pipeline ÷
+        training: above 1 the input pipeline keeps up).
     """
     if batches is None and seconds is None:
         batches = 20
@@ -1291,13 +1311,16 @@ def bench_data(path, *, batch_size: int, batches: Optional[int] = None, seconds:
     warm = 2
     done, pipeline_s = _time_pipeline(ds, warm, batches, seconds)
     del ds
-    # the same records, in the same order
-    per_epoch = plan.batches_per_epoch * plan.batch_size
-    total = (warm + done) * plan.batch_size
-    order = np.concatenate([epoch_order(plan, e, shuffle=True, seed=0)[0]
-                            for e in range(-(-total // per_epoch))])[warm * plan.batch_size:total]
-    shard_of = loader.rec_shard[order]
-    keys = [b"%010d" % i for i in loader.rec_index[order].tolist()]
+    B = plan.batch_size
+
+    def same_records(n_batches):
+        """Record ids, shard numbers and keys of batches ``warm .. warm + n_batches``."""
+        epochs = -(-(warm + n_batches) // plan.batches_per_epoch)
+        order = np.concatenate([epoch_order(plan, e, shuffle=True, seed=0)[0] for e in range(epochs)])
+        order = order[warm * B:(warm + n_batches) * B]
+        return order, loader.rec_shard[order], [b"%010d" % i for i in loader.rec_index[order].tolist()]
+
+    order, shard_of, keys = same_records(done)
     samples = len(keys)
     ahead = loader.readahead
     _time_raw(files, shard_of, keys, ahead)  # page cache warm for everyone
@@ -1305,37 +1328,44 @@ def bench_data(path, *, batch_size: int, batches: Optional[int] = None, seconds:
     names = list(header_fields(manifest)) + ["params"]
     unique = np.unique(order)
     row_of = {u: r for r, u in enumerate(unique.tolist())}
-    rows = [row_of[u] for u in order.tolist()]
 
-    def rates(pipe_s, raw_s_, h5_s):
-        out = {"pipeline_samples_per_s": samples / pipe_s, "raw_lmdb_samples_per_s": samples / raw_s_,
-               "h5py_samples_per_s": samples / h5_s}
+    def rates(n, pipe_s, raw_s_, h5_s):
+        out = {"pipeline_samples_per_s": n / pipe_s, "raw_lmdb_samples_per_s": n / raw_s_,
+               "h5py_samples_per_s": n / h5_s}
         out["ratio_vs_raw_lmdb"] = out["pipeline_samples_per_s"] / out["raw_lmdb_samples_per_s"]
         out["ratio_vs_h5py"] = out["pipeline_samples_per_s"] / out["h5py_samples_per_s"]
         return out
 
     with tempfile.TemporaryDirectory(dir=tmpdir) as tmp:
         h5 = Path(tmp) / "same_samples.h5"
-        _write_h5(h5, loader, unique, names)
+        all_ids = np.arange(len(loader.rec_index)) if cold else unique
+        _write_h5(h5, loader, all_ids, names)
+        h5_row = {u: r for r, u in enumerate(all_ids.tolist())}
+        rows = [h5_row[u] for u in order.tolist()]
         _time_h5(h5, rows, names)
         h5_s = min(_time_h5(h5, rows, names), _time_h5(h5, rows, names))
-        result = {"samples": samples, "batch_size": plan.batch_size, "bytes_per_sample": nbytes / max(samples, 1),
+        ceiling_s = _time_ceiling(loader, warm, done)
+        result = {"samples": samples, "batch_size": B, "bytes_per_sample": nbytes / max(samples, 1),
                   "settings": {**{k: v for k, v in settings.items() if isinstance(v, (bool, int, float, str))},
                                "readahead": ahead},
-                  **rates(pipeline_s, raw_s, h5_s)}
+                  **rates(samples, pipeline_s, raw_s, h5_s),
+                  "ceiling_samples_per_s": samples / ceiling_s}
         if cold:
+            n_cold = max(1, min(done, plan.batches_per_epoch - warm))
+            order_c, shard_c, keys_c = same_records(n_cold)
+            rows_c = [h5_row[u] for u in order_c.tolist()]
             close_shards(root)
             _evict(files)
             ds = make_dataset(root, split, batch_size=batch_size, **settings)
             _evict(files)
-            cold_done, cold_pipe = _time_pipeline(ds, warm, done, None)
+            _, cold_pipe = _time_pipeline(ds, warm, n_cold, None)
             del ds
             close_shards(root)
             _evict(files)
-            cold_raw, _ = _time_raw(files, shard_of, keys, ahead)
+            cold_raw, _ = _time_raw(files, shard_c, keys_c, ahead)
             _evict([h5])
-            cold_h5 = _time_h5(h5, rows, names)
-            result["cold"] = rates(cold_pipe, cold_raw, cold_h5)
+            cold_h5 = _time_h5(h5, rows_c, names)
+            result["cold"] = {"samples": len(keys_c), **rates(len(keys_c), cold_pipe, cold_raw, cold_h5)}
     if train_step_rate:
         result["train_step_samples_per_s"] = float(train_step_rate)
         result["ratio_vs_train_step"] = result["pipeline_samples_per_s"] / float(train_step_rate)

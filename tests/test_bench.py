@@ -34,3 +34,20 @@ def test_bench_grouping_runs_two_ranks():
     assert result["np2"]["graph"]["world"] == 2 and result["np1"]["none"]["world"] == 1
     for key in ("ratio_count4_vs_none", "ratio_layer_vs_none", "ratio_graph_vs_none", "efficiency_np2"):
         assert finite_positive(result[key]), key
+
+
+def test_synthetic_dataset_has_the_config_shapes_and_verifies(tmp_path):
+    from stemnet.bench import synthetic_dataset
+    from stemnet.data import close_shards, make_dataset
+    from stemnet.shards import read_manifest, verify_dataset
+
+    root = synthetic_dataset(tmp_path / "large", samples=5)
+    manifest = read_manifest(root)
+    assert manifest["splits"]["train"]["count"] == 5
+    assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [3, 2]
+    shapes = {f["name"]: f["shape"] for f in manifest["fields"]}
+    assert shapes["cbed"] == [64, 32, 32] and shapes["displacement"] == [9, 32, 32]
+    x, t = next(iter(make_dataset(root, batch_size=5, shuffle=False)))
+    assert x.shape == (5, 32, 32, 64) and t["displacement"].shape == (5, 32, 32, 9)
+    close_shards()
+    assert verify_dataset(root) == []

@@ -394,9 +394,23 @@ def test_bench_data_reports_rates_on_the_same_samples(tmp_path):
         assert result[key] > 0
     assert result["ratio_vs_raw_lmdb"] == pytest.approx(
         result["pipeline_samples_per_s"] / result["raw_lmdb_samples_per_s"])
-    assert "ratio_vs_train_step" not in result
-    with_train = bench_data(root, batch_size=4, batches=2, train_step_rate=100.0, tmpdir=tmp_path)
+    assert "ratio_vs_train_step" not in result and "cold" not in result
+    assert result["ceiling_samples_per_s"] > 0
+    with_train = bench_data(root, batch_size=4, batches=2, train_step_rate=100.0, tmpdir=tmp_path, cold=True)
     assert with_train["ratio_vs_train_step"] == pytest.approx(with_train["pipeline_samples_per_s"] / 100.0)
+    cold = with_train["cold"]
+    assert cold["samples"] == 4 * (16 // 4 - 2)  # the rest of the first epoch after 2 warm-up batches
+    assert cold["ratio_vs_h5py"] == pytest.approx(cold["pipeline_samples_per_s"] / cold["h5py_samples_per_s"])
+
+
+def test_per_pattern_standardization_follows_the_permuted_probe_grid(tmp_path):
+    """Pattern p holds values in [p, p+1): statistics taken from the wrong pattern after a
+    symmetry permutes the probe grid would leave a non-zero mean."""
+    root = build(tmp_path / "d", counts=(16,))
+    for x, _ in make_dataset(root, batch_size=8, augment=True, cbed_normalization="standardize", seed=2):
+        x = x.numpy()
+        np.testing.assert_allclose(x.mean(axis=(1, 2)), 0, atol=1e-5)
+        np.testing.assert_allclose(x.std(axis=(1, 2)), 1, atol=1e-3)
 
 
 def test_tensorflow_and_numpy_normalizations_agree(tmp_path):
