@@ -11,8 +11,8 @@ Pipeline
   (one channel per probe position, ``p = iy * gx + ix``); STEM detector images
   ``(D, H, W)`` become ``(B, H, W, D)``;
 - ``targets``: a dict with ``potential`` ``(B, H, W, 1)`` (standardised with the manifest
-  statistics), ``displacement`` ``(B, H, W, 9)`` (**kept in Å**, channels
-  ``A_dx, A_dy, A_dz, B_dx, …, O_dz``), ``displacement_mask`` ``(B, H, W, 9)`` (the
+  statistics), ``displacement`` ``(B, H, W, 9)`` (in units of
+  ``Normalization.displacement_scale`` Å, channels ``A_dx, A_dy, A_dz, B_dx, …, O_dz``), ``displacement_mask`` ``(B, H, W, 9)`` (the
   ``columns`` weight of each channel's sublattice, repeated over dx, dy, dz) and
   ``weight`` ``(B,)`` (1 for a real sample, 0 for padding); optionally ``index``
   (global sample index, int64) and ``params`` (float32 parameter vector).
@@ -37,13 +37,13 @@ Shards are opened read-only (``lock=False``), once per process (py-lmdb refuses 
 second handle; :func:`close_shards` releases them), with OS readahead chosen by
 :func:`choose_readahead` (on for records of 32 KiB or more even when shuffling: a large
 record is a run of contiguous pages). A batch is one ``tf.numpy_function`` call: one
-LMDB transaction per shard, records decoded with ``np.frombuffer`` (the layout of
-:func:`stemnet.shards.decode_record`, precomputed per shard) and copied channels-first
-into the batch (through the symmetry's views when augmenting). TensorFlow ops then
-transpose to channels-last, normalise, add noise and build the mask, outside the GIL
-(faster than numpy's strided copies, and overlapped with the next batch's reads);
-batches run in parallel and are prefetched. Each record's CRC-32 is checked
-(``verify_crc=True``; ``"once"`` checks each record on its first read in the process
+LMDB transaction per shard, each record checked (the layout of
+:func:`stemnet.shards.decode_record`, precomputed per shard) and copied into a staging
+buffer; then each output field is made in one compiled pass (:mod:`stemnet.gather`:
+channels-first → channels-last, the symmetry, normalisation, vector signs, the mask and
+a NaN/Inf check) that releases the GIL, straight into one packed float32 batch (one
+hand-over to TensorFlow, which slices it into the named tensors); batches run in
+parallel and are prefetched. Each record's CRC-32 is checked (``verify_crc=True``; ``"once"`` checks each record on its first read in the process
 only, ``False`` never); a failing record raises a one-line
 :class:`~stemnet.shards.ShardError` naming shard and key, or with ``skip_corrupt`` is
 replaced by a weight-0 sample, counted (:func:`corrupt_count`) and logged. NaN or Inf
