@@ -12,10 +12,11 @@ Pipeline
   ``(D, H, W)`` become ``(B, H, W, D)``;
 - ``targets``: a dict with ``potential`` ``(B, H, W, 1)`` (standardised with the manifest
   statistics), ``displacement`` ``(B, H, W, 9)`` (in units of
-  ``Normalization.displacement_scale`` Å, channels ``A_dx, A_dy, A_dz, B_dx, …, O_dz``), ``displacement_mask`` ``(B, H, W, 9)`` (the
-  ``columns`` weight of each channel's sublattice, repeated over dx, dy, dz) and
-  ``weight`` ``(B,)`` (1 for a real sample, 0 for padding); optionally ``index``
-  (global sample index, int64) and ``params`` (float32 parameter vector).
+  ``Normalization.displacement_scale`` Å, channels ``A_dx, A_dy, A_dz, B_dx, …, O_dz``),
+  ``displacement_mask`` ``(B, H, W, 9)`` (the ``columns`` weight of each channel's
+  sublattice, repeated over dx, dy, dz) and ``weight`` ``(B,)`` (1 for a real sample, 0
+  for padding); optionally ``index`` (global sample index, int64) and ``params``
+  (float32 parameter vector).
 
 Rank assignment and padding
 ---------------------------
@@ -43,11 +44,12 @@ buffer; then each output field is made in one compiled pass (:mod:`stemnet.gathe
 channels-first → channels-last, the symmetry, normalisation, vector signs, the mask and
 a NaN/Inf check) that releases the GIL, straight into one packed float32 batch (one
 hand-over to TensorFlow, which slices it into the named tensors); batches run in
-parallel and are prefetched. Each record's CRC-32 is checked (``verify_crc=True``; ``"once"`` checks each record on its first read in the process
-only, ``False`` never); a failing record raises a one-line
-:class:`~stemnet.shards.ShardError` naming shard and key, or with ``skip_corrupt`` is
-replaced by a weight-0 sample, counted (:func:`corrupt_count`) and logged. NaN or Inf
-in a record raises (or is skipped) the same way.
+parallel and are prefetched. Each record's CRC-32 is checked (``verify_crc=True``;
+``"once"`` checks each record on its first read in the process only, ``False`` never);
+a failing record raises a one-line :class:`~stemnet.shards.ShardError` naming shard and
+key, or with ``skip_corrupt`` is replaced by a weight-0 sample, counted
+(:func:`corrupt_count`) and logged. NaN or Inf in a record raises (or is skipped) the
+same way.
 
 Errors raised while iterating surface as ``tf.errors.OpError``; :func:`user_error`
 (or the :func:`one_line_errors` context manager) recovers the one-line message.
@@ -723,8 +725,9 @@ def _origin(name: str) -> float:
 
 # ============================================================================ batch loader
 class _Loader:
-    """One batch of records → channels-last, normalised, augmented numpy arrays (in a
-    ``tf.numpy_function``), which TensorFlow wraps without copying (:meth:`finish`).
+    """One batch of records → one packed float32 array of channels-last, normalised,
+    augmented fields (in a ``tf.numpy_function``), which :meth:`finish` slices into
+    named tensors.
 
     Records are copied (and checked) into one staging buffer, then each output field is
     made in a single compiled pass (:mod:`stemnet.gather`: transpose, symmetry,
