@@ -102,8 +102,13 @@ def test_sigkill_then_resume_continues_from_last_checkpoint(tiny_dataset, tmp_pa
     _wait_for(lambda: len(checkpoints(run)) >= 2, proc)
     proc.kill()
     proc.wait()
-    last = checkpoints(run)[-1]
-    assert last % 4 == 0
+    # the last *committed* checkpoint: a kill between writing ckpt-N's files and updating
+    # the manager's state file leaves ckpt-N unused, and the run resumes from the one before
+    import tensorflow as tf
+
+    state = tf.train.get_checkpoint_state(str(run / "checkpoints"))
+    last = int(Path(state.model_checkpoint_path).name[5:])
+    assert last % 4 == 0 and last >= 4 and last in checkpoints(run)
     resumed = subprocess.run(STEMNET + ["train", "--config", str(TINY_TRAINING), "--data", str(tiny_dataset),
                                         "--out", str(run), "--no-progress", "--max-steps", "3",
                                         "-o", "train.steps=100000", "-o", "train.checkpoint_every=4"],
