@@ -284,29 +284,6 @@ class Normalization:
         out *= np.float32(1.0 / self.potential_std)
         return out
 
-    # -- the same in TensorFlow ops (the pipeline's path; channels-last)
-    def tf_inputs(self, x):
-        """:meth:`inputs` for a channels-last float32 tensor ``(B, H, W, C)``."""
-        import tensorflow as tf
-
-        if self.method == "none":
-            return x
-        if self.kind == "cbed":
-            if self.method == "standardize":
-                mean = tf.reduce_mean(x, axis=(1, 2), keepdims=True)
-                centred = x - mean
-                std = tf.sqrt(tf.reduce_mean(tf.square(centred), axis=(1, 2), keepdims=True))
-                return centred / (std + EPS)
-            scaled = tf.maximum(x, 0.0) * np.float32(1.0 / self.scale)
-            return tf.sqrt(scaled) if self.method == "sqrt" else tf.math.log1p(scaled)
-        mean = tf.constant(np.asarray(self.channel_mean, np.float32))
-        inv = tf.constant(1.0 / np.asarray(self.channel_std, np.float32))
-        return (x - mean) * inv
-
-    def tf_potential(self, v):
-        """:meth:`potential` for a tensor."""
-        return (v - np.float32(self.potential_mean)) * np.float32(1.0 / self.potential_std)
-
     # -- inverse
     def denormalize(self, predictions) -> dict:
         """Predictions in physical units: potential in V·Å, displacement in Å.
@@ -1330,7 +1307,6 @@ def bench_data(path, *, batch_size: int, batches: Optional[int] = None, seconds:
     raw_s, nbytes = min(_time_raw(files, shard_of, keys, ahead), _time_raw(files, shard_of, keys, ahead))
     names = list(header_fields(manifest)) + ["params"]
     unique = np.unique(order)
-    row_of = {u: r for r, u in enumerate(unique.tolist())}
 
     def rates(n, pipe_s, raw_s_, h5_s):
         out = {"pipeline_samples_per_s": n / pipe_s, "raw_lmdb_samples_per_s": n / raw_s_,

@@ -413,15 +413,22 @@ def test_per_pattern_standardization_follows_the_permuted_probe_grid(tmp_path):
         np.testing.assert_allclose(x.std(axis=(1, 2)), 1, atol=1e-3)
 
 
-def test_tensorflow_and_numpy_normalizations_agree(tmp_path):
-    manifest = read_manifest(build(tmp_path / "c"))
-    x = np.random.default_rng(0).random((2, 4, 4, 4)).astype(np.float32)
+def test_pipeline_and_numpy_normalizations_agree(tmp_path):
+    """The pipeline's compiled pass and ``Normalization.inputs`` (used on experimental
+    data at reconstruction) must normalise identically."""
+    root = build(tmp_path / "c")
+    manifest = read_manifest(root)
+    raw = np.stack([make_sample(i, make_fields())["cbed"].transpose(1, 2, 0) for i in range(4)])
     for method in ("none", "sqrt", "log1p", "standardize"):
         norm = Normalization.from_manifest(manifest, method)
-        np.testing.assert_allclose(norm.tf_inputs(tf.constant(x)).numpy(), norm.inputs(x), rtol=1e-5, atol=1e-6)
-    stem = Normalization.from_manifest(read_manifest(build(tmp_path / "s", mode="stem", counts=(3,))))
-    y = np.random.default_rng(1).random((2, 8, 8, 3)).astype(np.float32)
-    np.testing.assert_allclose(stem.tf_inputs(tf.constant(y)).numpy(), stem.inputs(y), rtol=1e-5, atol=1e-5)
+        x = next(iter(make_dataset(root, batch_size=4, shuffle=False, cbed_normalization=method)))[0].numpy()
+        np.testing.assert_allclose(x, norm.inputs(raw), rtol=1e-5, atol=1e-6)
+        close_shards()
+    stem_root = build(tmp_path / "s", mode="stem", counts=(3,))
+    stem = Normalization.from_manifest(read_manifest(stem_root))
+    y = np.stack([make_sample(i, make_fields("stem"))["stem"].transpose(1, 2, 0) for i in range(3)])
+    x = next(iter(make_dataset(stem_root, batch_size=3, shuffle=False)))[0].numpy()
+    np.testing.assert_allclose(x, stem.inputs(y), rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="cbed_normalization 'cube'"):
         Normalization.from_manifest(manifest, "cube")
 
