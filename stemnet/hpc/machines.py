@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from stemnet.config import NonNegativeFloat, PositiveFloat, PositiveInt, validation_error
 from stemnet.errors import UserError
+from stemnet.hpc import MACHINES_DIR, machine_names  # noqa: F401  (public here too)
 
-MACHINES_DIR = Path(__file__).resolve().parents[2] / "configs" / "machines"
 SECTIONS = ("machine", "network")
 # Per scheduler: the launchers it goes with.
 LAUNCHERS = {"lsf": ("jsrun",), "slurm": ("srun",), "local": ("horovodrun", "mpirun")}
@@ -223,11 +223,6 @@ class Profile(BaseModel):
     path: Path
     machine: Optional[Machine] = None
     network: Optional[Network] = None
-
-
-def machine_names() -> List[str]:
-    """Names of the shipped profiles (``configs/machines``)."""
-    return sorted(p.stem for p in MACHINES_DIR.glob("*.yaml"))
 
 
 def profile_path(name_or_path: Union[str, Path]) -> Path:

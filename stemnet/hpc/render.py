@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from stemnet.errors import UserError
+from stemnet.hpc import TASKS
 from stemnet.hpc.machines import Machine, format_walltime, load_machine, parse_walltime
 from stemnet.ranks import RANK_VARIABLES
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "jobs"
-TASKS = ("simulate", "train")
 SECTIONS_NEEDED = {"simulate": ("simulation",), "train": ("model", "train")}
 JOB_ID_VARIABLE = {"lsf": "$LSB_JOBID", "slurm": "$SLURM_JOB_ID", "local": "$$"}
 

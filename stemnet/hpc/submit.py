@@ -22,13 +22,15 @@ import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 import click
 
 from stemnet.errors import UserError
-from stemnet.hpc.machines import format_walltime, machine_names
-from stemnet.hpc.render import TASKS, Job, build_job, write_job
+from stemnet.hpc import TASKS, machine_names
+
+if TYPE_CHECKING:
+    from stemnet.hpc.render import Job
 
 SUBMIT_COMMAND = {"lsf": "bsub", "slurm": "sbatch"}
 
@@ -141,6 +143,8 @@ def submit(
     Returns a :class:`Submission`; every failure before or during submission is a
     one-line :class:`UserError` (jobs already submitted in a chain are named in it).
     """
+    from stemnet.hpc.render import build_job, write_job
+
     job = build_job(task, machine=machine, nodes=nodes, walltime=walltime, project=project,
                     config=config, out=out, data=data, overrides=overrides, chain=chain)
     script = write_job(job)
@@ -193,6 +197,8 @@ def submit_command(task, machine, nodes, walltime, project, config_file, data_di
             click.echo(f"# would run: {command}", err=True)
         click.echo(f"# script written to {sub.script} (not submitted: --dry-run)", err=True)
         return
+    from stemnet.hpc.machines import format_walltime
+
     wall = format_walltime(job.walltime_min) if job.walltime_min else "no walltime"
     for i, job_id in enumerate(sub.job_ids):
         after = f", after {sub.job_ids[i - 1]}" if i else ""
