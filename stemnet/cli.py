@@ -429,25 +429,9 @@ def reconstruct_command(run_dir, inputs, out, channels, dataset, pixel_size, fil
 
 
 # --------------------------------------------------------------------------- submit
-@cli.command("submit")
-@click.argument("task", type=click.Choice(["simulate", "train"]))
-@click.option("--machine", required=True, metavar="NAME|FILE", help="Machine profile (configs/machines/NAME.yaml) or a YAML file.")
-@click.option("--nodes", type=int, required=True, help="Nodes per job.")
-@click.option("--walltime", metavar="HH:MM", help="Walltime per job (required except on local).")
-@click.option("--project", metavar="ID", help="Allocation to charge (LSF -P, Slurm -A).")
-@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), help="train: dataset folder.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="simulate: dataset folder; train: run folder.")
-@click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
-@click.option("--chain", type=int, default=1, show_default=True, help="K jobs, each after the previous has ended.")
-@click.option("--dry-run", is_flag=True, help="Write and print the script; submit nothing.")
-@click.pass_context
-def submit(ctx, **kwargs):
-    """Render a batch script for TASK on a machine and submit it (saved in OUT/jobs/ either way)."""
-    from stemnet.jobs import submit_command
+from stemnet.hpc.submit import submit_command  # noqa: E402  (click and YAML only; no TensorFlow)
 
-    ctx.invoke(submit_command, **kwargs)
+cli.add_command(submit_command)
 
 
 # ---------------------------------------------------------------------------- bench
