@@ -1,4 +1,4 @@
-"""Reconstruction of experimental micrographs (stemnet.reconstruct, stemnet.readers).
+"""Reconstruction of experimental micrographs (stemnet.reconstruct).
 
 Exactness of the pieces is tested with fixed Keras models built here (tiling = one pass,
 TTA inverse transforms, calibration, intensity rule); the whole pipeline with a real
@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from stemnet import reconstruct as R
 from stemnet.cli import cli
 from stemnet.errors import UserError
-from stemnet.readers import parse_channel_map, read_images, unit_to_ang
+from stemnet.reconstruct import outputs as reconstruct_outputs
+from stemnet.reconstruct import parse_channel_map, read_images, unit_to_ang
 
 REPO = Path(__file__).resolve().parents[1]
 CHANNELS = ["haadf", "abf"]
@@ -288,20 +289,43 @@ def test_tta_inverse_transforms():
     assert sorted(np.round(d[:, 0, 0, 3]).tolist()) == [-1, -1, 0, 0, 0, 0, 1, 1]
 
 
-def test_columns_on_a_synthetic_lattice():
-    img = lattice_images(cells=4, pixel=TRAIN_PIXEL, b_shift=(0.15, -0.05))
-    points, intensity = R.find_columns(img[0], TRAIN_PIXEL, A_ANG)
-    labels, lattice = R.classify_columns(points, intensity, A_ANG / TRAIN_PIXEL)
-    assert lattice is not None and abs(lattice.a_px * TRAIN_PIXEL - A_ANG) < 0.02
-    a, b = labels == 0, labels == 1
-    assert a.sum() >= 9 and b.sum() >= 9 and intensity[a].mean() > intensity[b].mean()
-    zero = {"displacement": np.zeros(img.shape[1:] + (9,)), "potential": np.zeros(img.shape[1:] + (1,))}
-    table, summary = R.column_statistics(img[0], TRAIN_PIXEL, zero, zero, [zero], {"materials": {
-        "SrTiO3": {"A": "Sr", "B": "Ti", "X": "O", "a": A_ANG}}})
+@pytest.mark.parametrize("pixel", [0.1, TRAIN_PIXEL])
+def test_columns_on_a_synthetic_lattice(pixel):
+    """FFT lattice, Gaussian fits, sublattices by Z contrast, O on the ABF, polarisation:
+    a B shift of (0.15, −0.05) Å is recovered to 1 pm at 0.1 Å and at the run's 0.49 Å pixels."""
+    img = lattice_images(cells=6, pixel=pixel, b_shift=(0.15, -0.05))
+    basis = R.fft_basis(img[0])
+    assert np.allclose(np.linalg.norm(basis, axis=1) * pixel, A_ANG, rtol=0.005)
+    found, lattice = R.find_lattice_columns(img[0], abf=img[1])
+    assert abs(lattice.a_px * pixel - A_ANG) < 0.005 and abs(lattice.angle_deg - 90) < 0.1
+    sub = found["sublattice"]
+    assert (sub == 0).sum() >= 16 and (sub == 1).sum() >= 16 and (sub == 2).sum() >= 32
+    assert found["amplitude"][sub == 0].mean() > found["amplitude"][sub == 1].mean()  # A brighter (Sr > Ti)
+    found_swapped, _ = R.find_lattice_columns(img[0], a_is_brighter=False)  # Z(A) < Z(B): the roles swap
+    assert found_swapped["amplitude"][found_swapped["sublattice"] == 0].mean() < \
+        found_swapped["amplitude"][found_swapped["sublattice"] == 1].mean()
+    zero = {"displacement": np.zeros((8, 8, 9)), "potential": np.zeros((8, 8, 1))}
+    table, summary = R.column_statistics(found, lattice, pixel, zero, zero, TRAIN_PIXEL)
     on_b = table["sublattice"] == 1
-    assert np.allclose(table["lattice_dx_ang"][on_b].mean(), 0.15, atol=0.03)
-    assert np.allclose(table["lattice_dy_ang"][on_b].mean(), -0.05, atol=0.03)
-    assert summary["O"]["count"] >= 12 and summary["tilt_deg"] == 0.0
+    assert np.allclose(np.nanmean(table["fit_dx_ang"][on_b]), 0.15, atol=0.01)
+    assert np.allclose(np.nanmean(table["fit_dy_ang"][on_b]), -0.05, atol=0.01)
+    assert abs(summary["mean_pol_fit_x_pm"] - 15) < 1 and abs(summary["mean_pol_fit_y_pm"] + 5) < 1
+    assert np.nanmax(np.abs(table["fit_dx_ang"][table["sublattice"] == 0])) < 0.01
+    assert summary["O"]["count"] >= 32 and summary["tilt_deg"] == 0.0
+
+
+def test_one_peak_finder_everywhere():
+    """evaluate and stage find column centres with the same scikit-image peak finder."""
+    import stemnet.evaluate as E
+    import stemnet.stage as S
+
+    assert E.find_peaks is R.find_peaks and S.find_peaks is R.find_peaks
+    m = np.zeros((12, 12))
+    m[3, 4], m[11, 0], m[6, 6] = 1.0, 0.9, 0.3
+    assert R.find_peaks(m, 1, 0.5).tolist() == [[3, 4], [11, 0]]
+    assert sorted(R.find_peaks(m, 1, 0.5, wrap=True).tolist()) == [[3, 4], [11, 0]]
+    fit = R.fit_gaussians(lattice_images(cells=2, pixel=0.1)[0], np.array([[8.0, 10.5]]), 5, 3.5)
+    assert np.allclose(fit[0, :2], [0.25 * A_ANG / 0.1 - 0.5, 0.25 * A_ANG / 0.1 - 0.5], atol=0.01)
 
 
 # ---------------------------------------------------------------------- bad inputs
@@ -314,7 +338,10 @@ def test_bad_inputs_fail_in_one_line_without_output(fake_run, tmp_path):
     np.save(tmp_path / "four_d.npy", np.zeros((2, 2, 8, 8)))
     np.save(tmp_path / "one.npy", img[0])
     np.save(tmp_path / "three.npy", np.concatenate([img, img[:1]]))
-    np.save(tmp_path / "tiny.npy", img[:, :9, :9])
+    np.save(tmp_path / "tiny.npy", img[:, :18, :18])  # 7.2 Å: less than two cells
+    np.save(tmp_path / "const.npy", np.stack([img[0], np.full_like(img[1], 0.7)]))
+    np.save(tmp_path / "big_cell.npy", lattice_images(cells=4, a=4.4))  # +13 %: no trained material
+    np.save(tmp_path / "noise.npy", np.random.default_rng(0).normal(size=img.shape))
     (tmp_path / "junk.dm4").write_bytes(b"not a DigitalMicrograph file" * 10)
     (tmp_path / "img.xyz").write_text("?")
     nofinal = tmp_path / "unfinished"
@@ -331,8 +358,14 @@ def test_bad_inputs_fail_in_one_line_without_output(fake_run, tmp_path):
         ((fake_run, tmp_path / "three.npy", "--pixel-size", 0.4), "expects channels"),
         ((fake_run, "--channels", f"haadf={tmp_path / 'one.npy'},bf={tmp_path / 'one.npy'}",
           "--pixel-size", 0.4), "missing ['abf']"),
-        ((fake_run, tmp_path / "ok.npy", "--pixel-size", 0.12), "0.2441–0.9762 Å"),
-        ((fake_run, tmp_path / "tiny.npy", "--pixel-size", 0.4), "at least 8×8 px"),
+        ((fake_run, tmp_path / "ok.npy", "--pixel-size", 0.7), "0.7 Å (y) is coarser than this run can "
+                                                                "reconstruct: expected at most 0.6102 Å"),
+        ((fake_run, tmp_path / "tiny.npy", "--pixel-size", 0.4), "covers 7.2×7.2 Å; expected at least 2 unit cells"),
+        ((fake_run, tmp_path / "const.npy", "--pixel-size", 0.4), "channel 'abf' is constant"),
+        ((fake_run, tmp_path / "big_cell.npy", "--pixel-size", 0.4), "lattice parameter 4.400 Å, expected 3.905 Å"),
+        ((fake_run, tmp_path / "noise.npy", "--pixel-size", 0.4), "lattice"),
+        ((fake_run, "--channels", f"haadf={tmp_path / 'three.npy'},abf={tmp_path / 'one.npy'}", "--pixel-size", 0.4),
+         "a 3-D stack of 3 images for channel 'haadf'; expected one 2-D image"),
         ((nofinal, tmp_path / "ok.npy", "--pixel-size", 0.4), "weights.h5 missing"),
         ((fake_run, tmp_path / "missing.npy"), "no such file"),
     ]
@@ -356,7 +389,7 @@ def test_fill_nan_cli_and_hspy_layout(fake_run, tmp_path):
     assert result.exit_code == 0, (result.output, result.exception)
     line = result.output.strip()
     assert "\n" not in line and line.startswith("scan: 19.5×19.5 Å at 0.488 Å/px") and "tilt" in line
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan.hspy", "scan.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan.hspy", "scan.png", "scan_columns.csv"]
     signals = {d["metadata"]["General"]["title"]: d for d in file_reader(str(tmp_path / "out/scan.hspy"))}
     assert set(signals) == {"input", "potential", "potential_std", "displacement", "displacement_std"}
     disp = signals["displacement"]
@@ -369,6 +402,12 @@ def test_fill_nan_cli_and_hspy_layout(fake_run, tmp_path):
         assert R.sha256(path) in prov["inputs"] and str(fake_run.resolve()) == prov["run"]
         cols = f["stemnet/columns"]
         assert set(np.unique(cols["sublattice"][()])) == {0, 1, 2} and len(cols["x_ang"]) > 30
+        table = np.genfromtxt(tmp_path / "out/scan_columns.csv", delimiter=",", names=True)
+        assert np.allclose(table["x_ang"], cols["x_ang"][()], rtol=1e-5)  # the CSV holds the same table
+        assert np.allclose(table["dx_ang"], cols["dx_ang"][()], rtol=1e-4, atol=1e-9)
+        for key in ("fit_dx_ang", "pol_net_x_pm", "tilt_z_deg_from_O", "std_dx_ang", "ideal_x_ang"):
+            assert key in cols, key
+        assert prov["forced"] == 0 and "lattice_check" in prov
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -384,8 +423,8 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(*args, **kwargs)
 
-    real = R._write_signal
-    monkeypatch.setattr(R, "_write_signal", fail_late)
+    real = reconstruct_outputs._write_signal
+    monkeypatch.setattr(reconstruct_outputs, "_write_signal", fail_late)
     with pytest.raises(OSError, match="disk full"):
         R.write_hspy(tmp_path / "bad.hspy", rec)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.hspy"]
