@@ -185,6 +185,52 @@ def test_readers_and_calibration(tmp_path):
     assert np.allclose(m.data, img, atol=1e-6)
 
 
+INSTRUMENT = REPO / "tests" / "data" / "instrument"  # `make testdata` (tests/scripts/instrument_files.py)
+
+
+@pytest.fixture(scope="module")
+def instrument():
+    if not (INSTRUMENT / "fei_emd_image.emd").is_file():
+        pytest.fail(f"{INSTRUMENT}: real instrument files missing; run `make testdata`")
+    return INSTRUMENT
+
+
+def test_real_instrument_files(instrument):
+    """Files written by microscope software, shipped by public packages (fetched by
+    `make testdata`), read with their calibration and integer data types:
+    - fei_emd_image.emd: a Velox EMD HAADF image (HyperSpy 1.7.6 wheel,
+      hyperspy/tests/io/emd_files/fei_emd_files.zip; HyperSpy's test expects 0.00530241 µm);
+    - test_STEM_image.dm3: a FEI Titan STEM image saved by DigitalMicrograph (hyperspy/tests/io/
+      dm3_2D_data; 0.2485 nm pixels, uint32);
+    - test_loading_image_saved_with_imageJ.tif / _with_DM.tif: TIFFs saved by ImageJ and by
+      DigitalMicrograph (hyperspy/tests/io/tiff_files; HyperSpy's test expects 0.16867 µm);
+    - dm{3,4}_test-N: 2x2 images of each integer type written by DigitalMicrograph
+      (hyperspy/tests/io/dm{3,4}_2D_data/test-{1,6,7,9,10,11}, values [[1, 2], [3, 4]]);
+    - epu2.9_example.mrc: an MRC image written by Thermo Fisher EPU 2.9 (mrcfile 1.5.4 sdist,
+      tests/test_data; 4096x4096 uint16)."""
+    (emd,) = read_images(instrument / "fei_emd_image.emd")  # select_type="images" (Velox)
+    assert emd.title == "HAADF" and emd.data.shape == (512, 512) and emd.data.dtype == np.uint16
+    assert np.allclose(emd.pixel_size_ang, 53.0241, rtol=1e-5)
+    (dm,) = read_images(instrument / "test_STEM_image.dm3")
+    assert dm.data.dtype == np.uint32 and np.allclose(dm.pixel_size_ang, 2.48538, rtol=1e-5)
+    for name, dtype in (("imageJ", np.float32), ("DM", np.int32)):
+        (tif,) = read_images(instrument / f"test_loading_image_saved_with_{name}.tif")
+        assert tif.data.dtype == dtype and np.allclose(tif.pixel_size_ang, 1686.7, atol=0.1), name
+    for n, dtype in ((1, np.int16), (6, np.uint8), (7, np.int32), (9, np.int8), (10, np.uint16), (11, np.uint32)):
+        for v in (3, 4):
+            (im,) = read_images(instrument / f"dm{v}_test-{n}.dm{v}")
+            assert im.data.dtype == dtype and im.data.tolist() == [[1, 2], [3, 4]], (n, v)
+    (mrc,) = read_images(instrument / "epu2.9_example.mrc")
+    assert mrc.data.shape == (4096, 4096) and mrc.data.dtype == np.uint16
+    assert np.allclose(mrc.pixel_size_ang, 0.66655, rtol=1e-4)
+    m = R.load_micrograph(instrument / "fei_emd_image.emd", ["haadf"])  # a HAADF-only run takes it as is
+    assert m.data.dtype == np.float64 and m.pixel_size_ang == pytest.approx((53.0241, 53.0241), rel=1e-5)
+    assert m.sources[0]["dtype"] == "uint16" and m.calibration == "file"
+    assert np.array_equal(m.data[0], emd.data.astype(np.float64))
+    with pytest.raises(UserError, match="no image titled 'abf'"):  # a HAADF+ABF run lists what it expects
+        R.load_micrograph(instrument / "fei_emd_image.emd", CHANNELS)
+
+
 def test_resample_keeps_pixel_centres_and_intensity_rule():
     q, p = 0.4, TRAIN_PIXEL
     n = 60
