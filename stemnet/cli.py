@@ -529,6 +529,24 @@ def bench_grouping_cmd(config_file, input_shape, json_path) -> None:
     _print_ratios(bench_grouping(config_file or REPO / "configs/training/demo.yaml", input_shape), json_path)
 
 
+@bench.command("sim2real")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The run's training dataset (its microscope, detectors and draws).")
+@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True, help="Held-out micrographs.")
+@JSON_OPTION
+def bench_sim2real_cmd(run_dir, data_dir, samples, json_path) -> None:
+    """Reconstruction of realistic held-out micrographs (0.1 Å, >= 256 px, unseen imperfections) vs truth."""
+    import json
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.reconstruct.benchmark import bench_sim2real, write
+
+    result = bench_sim2real(run_dir, data_dir, samples=samples)
+    click.echo(json.dumps(result, indent=1))
+    write(result, json_path)
+
+
 # ----------------------------------------------------------------------------- demo
 @cli.command()
 @click.option("--out", "root", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
