@@ -391,9 +391,9 @@ def _apply_override(data: dict, parts: List[str], value: Any, text: str) -> None
     node[parts[-1]] = value
 
 
-def _section_model(loc: Sequence) -> Optional[type]:
-    """The pydantic model class that holds the last key of ``loc`` (for suggestions)."""
-    model: Any = Config
+def _section_model(loc: Sequence, root: Optional[type] = None) -> Optional[type]:
+    """The pydantic model class under ``root`` (default :class:`Config`) that holds the last key of ``loc``."""
+    model: Any = root or Config
     for part in loc[:-1]:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
@@ -422,12 +422,12 @@ def _unwrap(annotation):
             return annotation
 
 
-def _describe_error(err: dict) -> str:
+def _describe_error(err: dict, root: Optional[type] = None) -> str:
     """One pydantic error -> 'what was wrong; expected what'."""
     kind, ctx, given = err["type"], err.get("ctx", {}), err.get("input")
     got = f"got {given!r}" if not isinstance(given, (dict, list)) else f"got a {type(given).__name__}"
     if kind == "extra_forbidden":
-        model = _section_model(err["loc"])
+        model = _section_model(err["loc"], root)
         key = str(err["loc"][-1])
         known = sorted(model.model_fields) if model else []
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -468,16 +468,22 @@ def _describe_error(err: dict) -> str:
     return f"{err['msg']}, {got}"
 
 
-def _format_validation_error(error: ValidationError, where: str, overrides: Dict[str, str]) -> ConfigError:
+def validation_error(error: ValidationError, where: str, overrides: Optional[Dict[str, str]] = None, *,
+                     root: Optional[type] = None, prefix: Sequence[str] = ()) -> ConfigError:
+    """The first error of a pydantic validation as one line: ``WHERE: dotted.key: what; expected what``.
+
+    ``root`` is the model validated (default :class:`Config`, for "did you mean" hints),
+    ``prefix`` the keys above it in the file, ``overrides`` ``{dotted key: "-o" text}``.
+    """
     err = error.errors()[0]
-    loc = [str(p) for p in err["loc"]]
-    message = _describe_error(err)
+    loc = [*prefix, *(str(p) for p in err["loc"])]
+    message = _describe_error(err, root)
     if err["type"] == "value_error" and re.match(r"^[a-z_.]+: ", message):
         # a model-level check names its own key relative to the section
         sub, _, message = message.partition(": ")
         loc = loc + sub.split(".")
     key = ".".join(loc)
-    for okey, otext in overrides.items():
+    for okey, otext in (overrides or {}).items():
         if key == okey or key.startswith(okey + "."):
             where = f"-o {otext}"
     return ConfigError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
@@ -514,7 +520,7 @@ def load_config(
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        raise _format_validation_error(error, where, applied) from None
+        raise validation_error(error, where, applied) from None
     missing = [s for s in require if getattr(config, s) is None]
     if missing:
         raise ConfigError(f"{where}: {missing[0]}: missing section; expected a '{missing[0]}:' mapping")
