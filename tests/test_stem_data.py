@@ -91,7 +91,7 @@ def test_imperfections_change_the_images_and_are_a_pure_function_of_the_index(re
 
 def test_realistic_micrograph_with_truth(tmp_path):
     from simulation.micrograph import REALISTIC_IMPERFECTIONS, REALISTIC_SPECIMEN, make_realistic_micrograph
-    from stemnet.readers import read_images
+    from stemnet.reconstruct import read_images
 
     description = make_realistic_micrograph(tmp_path, pixels=48, thickness_cells=2, focal_points=1)
     (haadf,) = read_images(tmp_path / "haadf.hspy")
