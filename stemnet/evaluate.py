@@ -31,12 +31,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from stemnet.data.layout import COMPONENTS, DISPLACEMENT_CHANNELS, SUBLATTICES, displacement_channel
 from stemnet.errors import UserError
 from stemnet.log import get_logger
 
 log = get_logger("evaluate")
-SUBLATTICES = ("A", "B", "O")
-COMPONENTS = ("dx", "dy", "dz")
 CENTRE = 0.5  # mask level that marks a column centre
 
 
@@ -70,25 +69,26 @@ def ssim(truth: np.ndarray, pred: np.ndarray) -> float:
 def column_rmse(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
     """RMSE (Å) at column centres per sublattice/component; (N, H, W, 9) maps and mask."""
     out = {}
-    for s, sub in enumerate(SUBLATTICES):
-        for c, comp in enumerate(COMPONENTS):
-            ch = 3 * s + c
+    for sub in SUBLATTICES:
+        for comp in COMPONENTS:
+            ch = displacement_channel(sub, comp)
             m = mask[..., ch]
             sel = m >= CENTRE
             if not np.any(sel):
                 continue
             err = (pred[..., ch][sel] - truth[..., ch][sel]) / m[sel]
-            out[f"{sub}_{comp}"] = float(np.sqrt(np.mean(err**2)))
+            out[DISPLACEMENT_CHANNELS[ch]] = float(np.sqrt(np.mean(err**2)))
     return out
 
 
 def tilt_about_beam(disp: np.ndarray, mask: np.ndarray, a_ang: np.ndarray) -> np.ndarray:
     """Per-sample tilt about z (degrees) from O columns that are not B sites."""
-    o_mask = mask[..., 6]
-    b_mask = mask[..., 3]
+    o_dx, o_dy = displacement_channel("O", "dx"), displacement_channel("O", "dy")
+    o_mask = mask[..., o_dx]  # the mask of a channel is its sublattice's column weight
+    b_mask = mask[..., displacement_channel("B", "dx")]
     sel = (o_mask >= CENTRE) & (b_mask < 0.1)
-    dx = disp[..., 6] / np.maximum(o_mask, 1e-6)
-    dy = disp[..., 7] / np.maximum(o_mask, 1e-6)
+    dx = disp[..., o_dx] / np.maximum(o_mask, 1e-6)
+    dy = disp[..., o_dy] / np.maximum(o_mask, 1e-6)
     tilts = []
     for i in range(disp.shape[0]):
         s = sel[i]

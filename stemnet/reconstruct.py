@@ -53,7 +53,7 @@ The steps, and the exact rules
 8. **Uncertainty.** The eight symmetries of the square (:func:`stemnet.data.d4_array`;
    displacement channels transformed as vectors by :func:`stemnet.data.d4_vectors`)
    are applied to the image; each prediction is mapped back by the inverse element
-   (found and checked numerically, :func:`d4_inverse`). The reconstruction is the mean
+   (closed form, :func:`stemnet.data.layout.d4_inverse`). The reconstruction is the mean
    of the eight; the uncertainty is their standard deviation (ddof 0) per pixel.
 9. **Columns.** Atomic columns are local maxima of the HAADF image (at the training
    sampling, smoothed with σ = 0.25 Å, at least 0.35·a apart, above the image median),
@@ -86,7 +86,6 @@ their SHA-256, stemnet version, every rule above with its parameters).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -98,6 +97,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from stemnet import __version__
+from stemnet.data.layout import DISPLACEMENT_CHANNELS, ELEMENTS, SUBLATTICES, d4_inverse  # noqa: F401
 from stemnet.errors import UserError
 from stemnet.log import get_logger
 from stemnet.readers import Image, parse_channel_map, pick_channels, read_images, sha256
@@ -108,9 +108,7 @@ SAMPLING_RANGE = (0.5, 2.0)  # accepted input pixel size / training pixel size
 CLIP_PERCENTILES = (0.1, 99.9)
 MIN_TILE_FRACTION = 0.5  # smallest image, per axis, as a fraction of the tile
 CALIBRATION_TOLERANCE = 0.01  # relative pixel-size disagreement allowed between channels
-D4 = tuple(itertools.product((0, 1), repeat=3))  # (transpose, flip_y, flip_x)
-SUBLATTICES = ("A", "B", "O")
-DISPLACEMENT_CHANNELS = tuple(f"{s}_{c}" for s in SUBLATTICES for c in ("dx", "dy", "dz"))
+D4 = ELEMENTS  # (transpose, flip_y, flip_x)
 INTENSITY_RULES = ("match", "raw")
 Predictor = Callable[[np.ndarray], Dict[str, np.ndarray]]
 
@@ -332,9 +330,6 @@ def predict_tiled(predict: Predictor, image: np.ndarray, tile: Optional[Tuple[in
 
 
 # ============================================================================ TTA
-_INVERSE: Dict[tuple, tuple] = {}
-
-
 def _apply(element, maps: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """A symmetry applied to ``{head: (H, W, K)}`` maps; 9-channel displacement as vectors."""
     from stemnet.data import d4_array, d4_vectors
@@ -346,21 +341,6 @@ def _apply(element, maps: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
             moved = d4_vectors(moved, element, channel_axis=-1)
         out[key] = np.ascontiguousarray(moved)
     return out
-
-
-def d4_inverse(element) -> tuple:
-    """The inverse of a symmetry of the square, found by search and checked numerically
-    on a random scalar map and a random displacement field."""
-    element = tuple(int(e) for e in element)
-    if element not in _INVERSE:
-        rng = np.random.default_rng(0)
-        probe = {"potential": rng.normal(size=(5, 5, 1)), "displacement": rng.normal(size=(5, 5, 9))}
-        moved = _apply(element, probe)
-        found = [g for g in D4 if all(np.array_equal(_apply(g, moved)[k], probe[k]) for k in probe)]
-        if len(found) != 1:
-            raise RuntimeError(f"symmetry {element}: expected one inverse, found {found}")
-        _INVERSE[element] = found[0]
-    return _INVERSE[element]
 
 
 def tta_members(predict: Predictor, image: np.ndarray, tile: Optional[Tuple[int, int]], *, tta: bool = True,
