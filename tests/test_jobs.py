@@ -21,7 +21,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from stemnet import jobs
+from stemnet.hpc import machines, render
+from stemnet.hpc import submit as jobs
+from stemnet.ranks import RANK_VARIABLES
 from stemnet.config import load_config
 from stemnet.errors import UserError
 
@@ -98,7 +100,7 @@ def launcher_options(script: str, launcher: str, marker: str) -> dict:
 
 def profile_copy(tmp_path, name, **changes) -> Path:
     """configs/machines/{name}.yaml with ``changes`` to its machine section, in tmp_path."""
-    data = yaml.safe_load((jobs.MACHINES_DIR / f"{name}.yaml").read_text())
+    data = yaml.safe_load((machines.MACHINES_DIR / f"{name}.yaml").read_text())
     data["machine"].update(changes)
     path = tmp_path / f"{name}-test.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -108,13 +110,13 @@ def profile_copy(tmp_path, name, **changes) -> Path:
 # ----------------------------------------------------------------------------- profiles
 @pytest.mark.parametrize("name", ["summit", "frontier", "perlmutter", "local"])
 def test_profiles_validate(name):
-    m = jobs.load_machine(name)
+    m = machines.load_machine(name)
     assert m.name == name
     assert m.ranks_per_node * m.cores_per_rank <= m.cores_per_node
 
 
 def test_profile_facts():
-    summit, frontier, perlmutter = (jobs.load_machine(n) for n in ("summit", "frontier", "perlmutter"))
+    summit, frontier, perlmutter = (machines.load_machine(n) for n in ("summit", "frontier", "perlmutter"))
     assert (summit.scheduler, summit.launcher, summit.gpus_per_node, summit.cores_per_node) == ("lsf", "jsrun", 6, 42)
     assert (summit.max_nodes, summit.max_walltime, summit.alloc_flags) == (4608, "24:00", "nvme smt4")
     assert summit.walltime_limit(4608) == 24 * 60 and summit.walltime_limit(2) == 120
@@ -126,15 +128,15 @@ def test_profile_facts():
 def test_profile_extra_key_is_one_line_error(tmp_path):
     path = profile_copy(tmp_path, "summit", gpus_per_nod=6)
     with pytest.raises(UserError, match=r"summit-test.yaml: machine.gpus_per_nod: unknown key") as err:
-        jobs.load_machine(path)
+        machines.load_machine(path)
     assert "\n" not in str(err.value)
 
 
 def test_profile_inconsistent_geometry(tmp_path):
     with pytest.raises(UserError, match=r"6 ranks x 8 cores = 48 is more than cores_per_node 42"):
-        jobs.load_machine(profile_copy(tmp_path, "summit", cores_per_rank=8))
+        machines.load_machine(profile_copy(tmp_path, "summit", cores_per_rank=8))
     with pytest.raises(UserError, match=r"launcher: 'srun' does not go with scheduler 'lsf'"):
-        jobs.load_machine(profile_copy(tmp_path, "summit", launcher="srun"))
+        machines.load_machine(profile_copy(tmp_path, "summit", launcher="srun"))
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -405,7 +407,7 @@ def stand_ins(tmp_path):
     bin_dir.mkdir()
     write_exe(bin_dir / "stemnet", FAKE_STEMNET)
     write_exe(bin_dir / "module", 'echo "module $*" >> "$FAKE_LOG"\n')
-    for launcher, (rank, size) in jobs.RANK_VARIABLES.items():
+    for launcher, (rank, size) in RANK_VARIABLES.items():
         write_exe(bin_dir / launcher, FAKE_LAUNCHER.replace("{rank}", rank).replace("{size}", size))
     log = tmp_path / "fake.log"
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(log), "USER": "tester", "HOME": str(tmp_path)}
@@ -495,6 +497,6 @@ def test_out_path_unusable_in_directives(tmp_path, dataset):
 
 
 def test_activation_needs_a_virtual_environment(tmp_path, dataset, monkeypatch):
-    monkeypatch.setattr(jobs.sys, "prefix", str(tmp_path / "not-a-venv"))
+    monkeypatch.setattr(render.sys, "prefix", str(tmp_path / "not-a-venv"))
     with pytest.raises(UserError, match=r"--machine summit: its activate line uses \{venv\}, but .*not-a-venv"):
         jobs.submit("train", **train_job(dataset, tmp_path / "run"), dry_run=True)

@@ -61,11 +61,10 @@ where the time goes, not a promise.
 
 Machine descriptions are the ``network:`` section of ``configs/machines/<name>.yaml`` (the
 same profiles ``stemnet submit`` reads their ``machine:`` section from), or of any YAML
-path; see :class:`Network`.
+path, loaded by ``stemnet.hpc.machines.load_network``; see :class:`~stemnet.hpc.machines.Network`.
 
 Public API
 ----------
-Network, Link, InterNodeLink, load_network(name_or_path) -> Network
 allreduce_seconds(nbytes, gpus, network, algorithm=None) -> float
 LayerCost, Workload; profile_model(cfg, input_shape, output_shape) -> (rows, tape_order, model)
 analytic_workload(rows, network, ...) -> Workload; measure_workload(cfg, input_shape, ...) -> Workload
@@ -80,123 +79,21 @@ from __future__ import annotations
 import math
 import statistics
 import time
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
-
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing import List, Optional, Sequence, Tuple
 
 from stemnet.config import GROUPING_PATTERN, DistributedConfig, ModelConfig
 from stemnet.distributed.grouping import pack_layers
-from stemnet.errors import UserError
+from stemnet.hpc.machines import PRECISION_PEAK, Network, ProfileError, load_network
 
-PositiveInt = typing.Annotated[int, Field(gt=0)]
-PositiveFloat = typing.Annotated[float, Field(gt=0)]
-NonNegativeFloat = typing.Annotated[float, Field(ge=0)]
-
-REPO = Path(__file__).resolve().parents[2]
-MACHINE_DIRS = (REPO / "configs" / "machines",)
 ADAM_BYTES_PER_PARAM = 28  # read param, grad, m, v (16 B); write param, m, v (12 B), float32
 GRAD_BYTES_PER_PARAM = 4
-PRECISION_PEAK = {"float32": "float32", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 DEFAULT_STRATEGIES = ("none", "count:4", "layer", "graph")
 
 
-class ScalingError(UserError, ValueError):
-    """A bad machine description or scaling request, as one line."""
-
-
-# ------------------------------------------------------------------------ machine model
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Link(_Strict):
-    """One level of the network: bandwidth per direction (GB/s = 1e9 B/s), latency per step (µs)."""
-
-    bandwidth_gbs: PositiveFloat
-    latency_us: NonNegativeFloat
-
-
-class InterNodeLink(Link):
-    """The network between nodes: ``bandwidth_gbs`` is the injection bandwidth per node."""
-
-    algorithm: Literal["ring", "tree"] = "tree"
-
-
-class Network(_Strict):
-    """The ``network:`` section of a machine description (extra keys refused)."""
-
-    description: str = ""
-    gpus_per_node: PositiveInt
-    max_nodes: Optional[PositiveInt] = None
-    peak_tflops: Dict[Literal["float32", "float16", "bfloat16"], PositiveFloat] = Field(min_length=1)
-    compute_efficiency: float = Field(gt=0, le=1)
-    memory_bandwidth_gbs: PositiveFloat
-    intra_node: Link
-    inter_node: Optional[InterNodeLink] = None
-    allreduce_overhead_us: NonNegativeFloat = 0.0
-
-    @model_validator(mode="after")
-    def _inter_node_needed(self):
-        if self.inter_node is None and self.max_nodes != 1:
-            raise ValueError("inter_node: missing; expected an inter_node link unless max_nodes is 1")
-        return self
-
-    @property
-    def max_gpus(self) -> Optional[int]:
-        return None if self.max_nodes is None else self.max_nodes * self.gpus_per_node
-
-    def flop_rate(self, precision: str = "float32") -> float:
-        """Sustained FLOP/s of one GPU for a training ``precision`` (peak × efficiency)."""
-        key = PRECISION_PEAK.get(precision, precision)
-        if key not in self.peak_tflops:
-            raise ScalingError(f"network.peak_tflops: no {key!r} entry for precision {precision!r}; "
-                               f"expected one of {sorted(self.peak_tflops)}")
-        return self.peak_tflops[key] * 1e12 * self.compute_efficiency
-
-
-def _machine_path(name_or_path: Union[str, Path]) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise ScalingError(f"{path}: no such machine file")
-        return path
-    for candidate in (d / f"{name_or_path}.yaml" for d in MACHINE_DIRS):
-        if not candidate.is_file():
-            continue
-        try:  # a merged machine profile wins once it has a network section
-            data = yaml.safe_load(candidate.read_text())
-        except yaml.YAMLError:
-            data = None
-        if isinstance(data, dict) and "network" in data:
-            return candidate
-    known = sorted({p.stem for d in MACHINE_DIRS if d.is_dir() for p in d.glob("*.yaml")})
-    raise ScalingError(f"--machine {name_or_path}: no machine description with a 'network:' section; "
-                       f"expected one of {', '.join(known)} or a YAML path")
-
-
-def load_network(name_or_path: Union[str, Path]) -> Network:
-    """The ``network:`` section of a machine file (other top-level sections are ignored).
-
-    ``name_or_path`` is a YAML path, or a name looked up as ``configs/machines/NAME.yaml``.
-    """
-    path = _machine_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ScalingError(f"{path}: YAML syntax error: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("network"), dict):
-        raise ScalingError(f"{path}: network: missing section; expected a 'network:' mapping")
-    try:
-        return Network.model_validate(data["network"])
-    except ValidationError as error:
-        err = error.errors()[0]
-        key = ".".join(str(p) for p in ("network", *err["loc"]))
-        what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ScalingError(f"{path}: {key}: {what}") from None
+class ScalingError(ProfileError):
+    """A bad scaling request, as one line."""
 
 
 # ---------------------------------------------------------------------- allreduce cost
@@ -650,7 +547,7 @@ def scaling_report(config_path, machine: str, gpus: Sequence[int], *, input_shap
     if not measure:
         try:
             network.flop_rate(precision)
-        except ScalingError as err:
+        except ProfileError as err:
             raise ScalingError(f"--machine {machine}: {err}") from None
     if measure:
         workload = measure_workload(cfg.model, input_shape, output_shape, batch=batch, repeats=repeats,
