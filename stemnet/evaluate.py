@@ -208,7 +208,7 @@ def evaluate(run_dir, data_dir, split: str = "test", *, batch_size: int = 16,
              plot: Optional[Path] = None) -> dict:
     """Metrics of the run's model and of the baselines on ``split`` of ``data_dir``."""
     from stemnet.data import Normalization, make_dataset
-    from stemnet.shards import read_manifest
+    from stemnet.shards import read_manifest, simulation_section
     from stemnet.train.run import load_run
 
     model, cfg, info, norm_dict = load_run(run_dir)
@@ -232,10 +232,13 @@ def evaluate(run_dir, data_dir, split: str = "test", *, batch_size: int = 16,
     means = _training_means(data_dir, info, norm, batch_size)
     results["mean"] = score(truth, {k: np.broadcast_to(v, truth[k].shape) for k, v in means.items()}, a_ang)
     if info["input_field"] == "stem" and "displacement" in truth:
-        channels = list(manifest.get("extra", {}).get("simulation", {}).get("stem", {}).get("detectors", {}))
+        sim = simulation_section(manifest)
+        channels = sim.detectors
         raw = norm.denormalize_inputs(inputs)
         fit = column_fit(raw, channels, truth["displacement_mask"])
-        fov = manifest["extra"]["simulation"]["fov_ang"]
+        fov = sim.fov_ang
+        if not fov:
+            raise UserError(f"{data_dir}/manifest.json: extra.simulation.fov_ang missing; expected the field of view in Å")
         fit *= fov / truth["displacement"].shape[2]  # pixels → Å
         results["column-fit"] = score(truth, {"displacement": fit}, a_ang)
     summary = {"run": str(run_dir), "data": str(data_dir), "split": split, "samples": n, "metrics": results}
