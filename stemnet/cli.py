@@ -457,6 +457,23 @@ def reconstruct_command(run_dir, inputs, out, channels, dataset, pixel_size, fil
         click.echo(format_summary(rec, path))
 
 
+@cli.command("calibrate")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The run's dataset; its split is held out from training.")
+@click.option("--split", default="val", show_default=True, help="Split to calibrate on.")
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True)
+def calibrate_command(run_dir, data_dir, split, samples) -> None:
+    """Calibrate RUN's ensemble uncertainty on a held-out split (writes RUN/uncertainty.json)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.reconstruct import calibrate_uncertainty
+
+    r = calibrate_uncertainty(run_dir, data_dir, split, samples)
+    click.echo(f"{run_dir}: variance scale {r.get('variance_scale', float('nan')):.3g} on {r.get('values', 0)} "
+               f"{split} values (1-sigma coverage {r.get('coverage_raw', float('nan')):.1%} raw, "
+               f"{r.get('coverage_scaled', float('nan')):.1%} scaled) -> {run_dir}/uncertainty.json")
+
+
 # --------------------------------------------------------------------------- submit
 from stemnet.hpc.submit import submit_command  # noqa: E402  (click and YAML only; no TensorFlow)
 
