@@ -31,12 +31,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from stemnet.data.layout import COMPONENTS, DISPLACEMENT_CHANNELS, SUBLATTICES, displacement_channel
 from stemnet.errors import UserError
 from stemnet.log import get_logger
+from stemnet.reconstruct.peaks import find_peaks
 
 log = get_logger("evaluate")
-SUBLATTICES = ("A", "B", "O")
-COMPONENTS = ("dx", "dy", "dz")
 CENTRE = 0.5  # mask level that marks a column centre
 CENTROID_ITERATIONS = 20  # re-centring steps of the column-fit centroid (converges in ~5)
 
@@ -78,25 +78,26 @@ def ssim(truth: np.ndarray, pred: np.ndarray) -> float:
 def column_rmse(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
     """RMSE (Å) at column centres per sublattice/component; (N, H, W, 9) maps and mask."""
     out = {}
-    for s, sub in enumerate(SUBLATTICES):
-        for c, comp in enumerate(COMPONENTS):
-            ch = 3 * s + c
+    for sub in SUBLATTICES:
+        for comp in COMPONENTS:
+            ch = displacement_channel(sub, comp)
             m = mask[..., ch]
             sel = m >= CENTRE
             if not np.any(sel):
                 continue
             err = (pred[..., ch][sel] - truth[..., ch][sel]) / m[sel]
-            out[f"{sub}_{comp}"] = float(np.sqrt(np.mean(err**2)))
+            out[DISPLACEMENT_CHANNELS[ch]] = float(np.sqrt(np.mean(err**2)))
     return out
 
 
 def tilt_about_beam(disp: np.ndarray, mask: np.ndarray, a_ang: np.ndarray) -> np.ndarray:
     """Per-sample tilt about z (degrees) from O columns that are not B sites."""
-    o_mask = mask[..., 6]
-    b_mask = mask[..., 3]
+    o_dx, o_dy = displacement_channel("O", "dx"), displacement_channel("O", "dy")
+    o_mask = mask[..., o_dx]  # the mask of a channel is its sublattice's column weight
+    b_mask = mask[..., displacement_channel("B", "dx")]
     sel = (o_mask >= CENTRE) & (b_mask < 0.1)
-    dx = disp[..., 6] / np.maximum(o_mask, 1e-6)
-    dy = disp[..., 7] / np.maximum(o_mask, 1e-6)
+    dx = disp[..., o_dx] / np.maximum(o_mask, 1e-6)
+    dy = disp[..., o_dy] / np.maximum(o_mask, 1e-6)
     tilts = []
     for i in range(disp.shape[0]):
         s = sel[i]
@@ -154,7 +155,7 @@ def column_fit(images: np.ndarray, channel_names: List[str], mask: np.ndarray, r
         for s in range(3):
             m = mask[i, :, :, 3 * s]
             image = abf[i] if s == 2 else haadf[i]
-            for (r, c) in _local_maxima(m):
+            for (r, c) in find_peaks(m, 1, CENTRE):  # column centres of the truth mask
                 near = (yy - r) ** 2 + (xx - c) ** 2 <= radius_px**2
                 y0, x0 = centroid(m, near)
                 fit = _refined_centroid(image, y0, x0, radius_px, yy, xx)
@@ -188,16 +189,6 @@ def _refined_centroid(image, y: float, x: float, radius_px: float, yy, xx) -> Op
         if moved < 1e-4:
             break
     return y, x
-
-
-def _local_maxima(m: np.ndarray, level: float = CENTRE) -> List[tuple]:
-    """(row, col) of pixels that are ≥ level and ≥ their 8 neighbours (column centres)."""
-    padded = np.pad(m, 1, constant_values=-np.inf)
-    centre = padded[1:-1, 1:-1]
-    neighbours = [padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
-                  for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-    peak = (centre >= level) & np.all([centre >= nb for nb in neighbours], axis=0)
-    return list(zip(*np.nonzero(peak)))
 
 
 # ------------------------------------------------------------------------- driver
@@ -243,7 +234,7 @@ def evaluate(run_dir, data_dir, split: str = "test", *, batch_size: int = 16,
              plot: Optional[Path] = None) -> dict:
     """Metrics of the run's model and of the baselines on ``split`` of ``data_dir``."""
     from stemnet.data import Normalization, make_dataset
-    from stemnet.shards import read_manifest
+    from stemnet.shards import read_manifest, simulation_section
     from stemnet.train.run import load_run
 
     model, cfg, info, norm_dict = load_run(run_dir)
@@ -267,10 +258,13 @@ def evaluate(run_dir, data_dir, split: str = "test", *, batch_size: int = 16,
     means = _training_means(data_dir, info, norm, batch_size)
     results["mean"] = score(truth, {k: np.broadcast_to(v, truth[k].shape) for k, v in means.items()}, a_ang)
     if info["input_field"] == "stem" and "displacement" in truth:
-        channels = list(manifest.get("extra", {}).get("simulation", {}).get("stem", {}).get("detectors", {}))
+        sim = simulation_section(manifest)
+        channels = sim.detectors
         raw = norm.denormalize_inputs(inputs)
         fit = column_fit(raw, channels, truth["displacement_mask"])
-        fov = manifest["extra"]["simulation"]["fov_ang"]
+        fov = sim.fov_ang
+        if not fov:
+            raise UserError(f"{data_dir}/manifest.json: extra.simulation.fov_ang missing; expected the field of view in Å")
         fit *= fov / truth["displacement"].shape[2]  # pixels → Å
         results["column-fit"] = score(truth, {"displacement": fit}, a_ang)
     summary = {"run": str(run_dir), "data": str(data_dir), "split": split, "samples": n, "metrics": results}
