@@ -285,6 +285,7 @@ class TrainConfig(Section):
     checkpoint_every: PositiveInt = 50
     keep_checkpoints: PositiveInt = 3
     seed: int = 0
+    record_batches: bool = False  # debug: RUN/batches-rank{r}.jsonl, per step the sample indices, lr, loss scale
 
 
 class DataConfig(Section):
