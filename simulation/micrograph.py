@@ -33,17 +33,27 @@ SPECIMEN = dict(glazer="a0a0c+", tilt_deg=(0.0, 0.0, 8.0), polar_A_ang=(0.0, 0.0
 MATERIAL = Material("SrTiO3", "Sr", "Ti", "O", 3.905)
 
 
-def make_micrograph(out: Path, *, cells: int = 4, thickness_cells: int = 4, pixels: int = 36,
+def make_micrograph(out: Path, *, cells: int = 4, thickness_cells: int = 4, pixels: int = 64,
                     dose_e_per_ang2: float = 2e5, seed: int = 7, sampling_ang: float = 0.055,
                     detectors=None, sigma_ang: float = 0.5) -> dict:
-    """Simulate and save the micrograph; returns its description (also in truth.npz)."""
+    """Simulate and save the micrograph; returns its description (also in truth.npz).
+
+    The images: the probe scanned at its Nyquist step over the 2 x 2 cell periodic
+    supercell of the (uniformly distorted) crystal, Fourier-interpolated onto the
+    ``pixels x pixels`` grid over ``cells`` cells (:func:`simulation.stem.record`).
+    """
+    from simulation import stem
+
     detectors = detectors or {"haadf": (60.0, 150.0), "abf": (10.0, 20.0)}
     specimen = build_specimen(MATERIAL, cells, thickness_cells, **SPECIMEN)
+    periodic = build_specimen(MATERIAL, 2, thickness_cells, **SPECIMEN)
     size = float(np.diag(specimen.atoms.cell.array)[0])
     fov = ((0.0, 0.0), (size, size))
-    images = multislice.stem_images(specimen.atoms, energy_ev=200e3, convergence_mrad=20.0, shape=(pixels, pixels),
-                                    fov_ang=fov, sampling_ang=sampling_ang, slice_thickness_ang=MATERIAL.a / 2,
-                                    detectors=detectors)
+    cell = tuple(float(v) for v in np.diag(periodic.atoms.cell.array)[:2])
+    images = stem.record(periodic.atoms, cell_ang=cell, positions_ang=stem.imaging.pixel_positions((pixels, pixels), size),
+                         scan_step_ang=stem.imaging.nyquist_step_ang(200e3, 20.0), detectors=detectors, draws={},
+                         energy_ev=200e3, convergence_mrad=20.0, sampling_ang=sampling_ang,
+                         slice_thickness_ang=MATERIAL.a / 2)
     pixel = size / pixels
     rng = np.random.default_rng(seed)
     noisy = multislice.add_poisson_noise(images, dose_e_per_ang2, pixel * pixel, rng)
