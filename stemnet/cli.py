@@ -356,11 +356,20 @@ def evaluate(run_dir, data_dir, split, json_path, plot_path) -> None:
 
 # ------------------------------------------------------------------------- scaling
 @cli.command()
-@click.option("--model", "config_file", required=True, type=ConfigFile("model", "training"),
+@click.option("--model", "config_file", type=ConfigFile("model", "training"),
               help="A config with a 'model:' section; a training config also gives batch, precision "
-                   "and the distributed settings (group budgets, fusion, compression).")
-@click.option("--machine", required=True, metavar="NAME|PATH",
-              help="summit, frontier, perlmutter, local, or a YAML file with a 'network:' section.")
+                   "and the distributed settings (group budgets, fusion, compression)  "
+                   "[--calibrate: configs/training/demo.yaml].")
+@click.option("--machine", metavar="NAME|PATH",
+              help="summit, frontier, perlmutter, local, or a YAML file with a 'network:' section  "
+                   "[--calibrate: local].")
+@click.option("--calibrate", is_flag=True,
+              help="Measure allreduce time vs size on 2 ranks (horovodrun --gloo), fit alpha and beta, and "
+                   "check the model against the measured 2-rank step of --model per strategy.")
+@click.option("--write", "write_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="--calibrate: write the machine profile with the calibrated network here.")
+@click.option("--validate", is_flag=True,
+              help="Reproduce published scaling results (configs/scaling/*.yaml): model against paper.")
 @click.option("--gpus", default="6,96,1536,27600", show_default=True, metavar="N,N,...",
               help="GPU counts to predict (weak scaling: the per-GPU batch is fixed).")
 @click.option("--strategies", default="none,count:4,layer,graph", show_default=True,
@@ -372,7 +381,7 @@ def evaluate(run_dir, data_dir, split, json_path, plot_path) -> None:
 @click.option("--batch", type=click.IntRange(min=1), help="Per-GPU batch  [default: train.batch_size, else 1].")
 @click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]),
               help="Picks the machine's peak FLOP rate  [default: train.precision, else float32].")
-@click.option("--algorithm", type=click.Choice(["ring", "tree"]),
+@click.option("--algorithm", type=click.Choice(["ring", "tree", "flat"]),
               help="Inter-node allreduce  [default: the machine's].")
 @click.option("--measure", is_flag=True,
               help="Time forward, backward and update on this host instead of analytic FLOPs.")
@@ -380,11 +389,30 @@ def evaluate(run_dir, data_dir, split, json_path, plot_path) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the prediction (inputs, per-layer costs, table) as JSON.")
 @click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
-def scaling(config_file, machine, gpus, strategies, input_shape, output_shape, batch, precision, algorithm,
-            measure, cycle_groups, json_path, overrides) -> None:
-    """Predict step time and parallel efficiency per gradient-grouping strategy on a machine."""
+def scaling(config_file, machine, calibrate, write_path, validate, gpus, strategies, input_shape, output_shape,
+            batch, precision, algorithm, measure, cycle_groups, json_path, overrides) -> None:
+    """Predict step time and parallel efficiency per gradient-grouping strategy on a machine
+    (or --calibrate the model on this machine, or --validate it against published results)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import json
+
+    if calibrate or validate:
+        if calibrate:
+            from stemnet.distributed.calibrate import DEFAULT_CONFIG, calibrate as run_calibration, format_calibration
+
+            result = run_calibration(config_file or DEFAULT_CONFIG, machine or "local", write=write_path)
+            click.echo(format_calibration(result))
+        else:
+            from stemnet.distributed.validate import format_validation, validate_published
+
+            result = validate_published()
+            click.echo(format_validation(result))
+        if json_path is not None:
+            json_path.write_text(json.dumps(result, indent=2) + "\n")
+            click.echo(f"written to {json_path}")
+        return
+    if config_file is None or machine is None:
+        raise click.UsageError("--model and --machine are required (or --calibrate / --validate)")
 
     from stemnet.distributed.scaling import format_prediction, parse_gpus, scaling_report
 
@@ -448,6 +476,23 @@ def reconstruct_command(run_dir, inputs, out, channels, dataset, pixel_size, fil
                                 plot=not no_plot, progress=not no_progress, force=force)
     for rec, path in results:
         click.echo(format_summary(rec, path))
+
+
+@cli.command("calibrate")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The run's dataset; its split is held out from training.")
+@click.option("--split", default="val", show_default=True, help="Split to calibrate on.")
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True)
+def calibrate_command(run_dir, data_dir, split, samples) -> None:
+    """Calibrate RUN's ensemble uncertainty on a held-out split (writes RUN/uncertainty.json)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.reconstruct import calibrate_uncertainty
+
+    r = calibrate_uncertainty(run_dir, data_dir, split, samples)
+    click.echo(f"{run_dir}: variance scale {r.get('variance_scale', float('nan')):.3g} on {r.get('values', 0)} "
+               f"{split} values (1-sigma coverage {r.get('coverage_raw', float('nan')):.1%} raw, "
+               f"{r.get('coverage_scaled', float('nan')):.1%} scaled) -> {run_dir}/uncertainty.json")
 
 
 # --------------------------------------------------------------------------- submit

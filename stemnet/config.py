@@ -218,6 +218,13 @@ class SimulationConfig(Section):
         return value
 
     @model_validator(mode="after")
+    def _imperfections_need_stem(self):
+        if self.imperfections is not None and self.mode != "stem":
+            raise ValueError("imperfections: drawn imperfections are modelled for mode stem only; "
+                             f"expected null for mode {self.mode}")
+        return self
+
+    @model_validator(mode="after")
     def _known_materials(self):
         unknown = [m for m in self.specimen.materials if m not in self.materials]
         if unknown:
@@ -277,6 +284,7 @@ class TrainConfig(Section):
     checkpoint_every: PositiveInt = 50
     keep_checkpoints: PositiveInt = 3
     seed: int = 0
+    record_batches: bool = False  # debug: RUN/batches-rank{r}.jsonl, per step the sample indices, lr, loss scale
 
 
 class DataConfig(Section):

@@ -21,7 +21,7 @@ import click
 from stemnet.errors import UserError
 
 CHECKOUT = {"configs": "configs", "jobs": "jobs", "micrograph": "demo/micrograph"}
-CONFIG_KINDS = ("simulation", "training", "model", "machines")
+CONFIG_KINDS = ("simulation", "training", "model", "machines", "scaling")
 
 
 def shipped_dir(what: str) -> Path:

@@ -23,10 +23,12 @@ CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "srun")
 INSTALL_HINT = "as root: apt-get install -y slurm-wlm munge (or run `make test` as root, which installs them)"
 
 
+SEARCH_PATH = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin"  # daemons live in sbin
+
+
 def missing_programs() -> List[str]:
     """The Slurm/munge programs not found on PATH (or in /usr/sbin)."""
-    path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin"
-    return [p for p in DAEMONS + CLIENTS if shutil.which(p, path=path) is None]
+    return [p for p in DAEMONS + CLIENTS + ("mungekey", "sinfo") if shutil.which(p, path=SEARCH_PATH) is None]
 
 
 def _free_port() -> int:
@@ -82,6 +84,7 @@ class LocalSlurm:
 
     def _start(self, name: str, argv: List[str]) -> None:
         log = open(self.root / f"{name}.stdout", "w")
+        argv = [shutil.which(argv[0], path=SEARCH_PATH), *argv[1:]]
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             start_new_session=True)
         log.close()
@@ -111,7 +114,7 @@ class LocalSlurm:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(munge, 0o700)
         key = munge / "munge.key"
-        subprocess.run(["mungekey", "--create", "--keyfile", str(key)], check=True, capture_output=True)
+        subprocess.run([shutil.which("mungekey", path=SEARCH_PATH), "--create", "--keyfile", str(key)], check=True, capture_output=True)
         os.chmod(key, 0o600)
         self.conf.write_text(SLURM_CONF.format(host=self.host, user=os.environ.get("USER") or "root",
                                                root=self.root, ctld_port=_free_port(), slurmd_port=_free_port()))
@@ -148,7 +151,7 @@ class LocalSlurm:
             queued = self.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], check=False).stdout.split()
             if not set(queued) & set(job_ids):
                 return {j: self.job_state(j) for j in job_ids}
-            time.sleep(1.0)
+            time.sleep(0.25)
         raise TimeoutError(f"jobs {job_ids} still queued after {timeout_s:.0f} s: "
                            f"{self.run(['squeue'], check=False).stdout}")
 

@@ -132,6 +132,11 @@ def test_every_shipped_config_validates(path):
         profile = load_profile(path.stem)  # both sections, validated
         assert profile.machine.name == path.stem and profile.network.gpus_per_node >= 1
         return
+    if path.parent.name == "scaling":
+        from stemnet.distributed.validate import load_point
+
+        assert load_point(path).sources  # a published scaling point, every input with a source
+        return
     section = {"simulation": "simulation", "training": "train", "model": "model"}[path.parent.name]
     cfg = load_config(path, require=(section,))
     assert getattr(cfg, section) is not None

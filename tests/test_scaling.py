@@ -148,7 +148,7 @@ def test_more_gpus_than_the_machine_or_a_bad_strategy_is_a_one_line_error(toy_ne
         plan_groups(TOY, "count:0")
 
 
-@pytest.mark.parametrize("name", ["summit", "frontier", "perlmutter", "local"])
+@pytest.mark.parametrize("name", ["summit", "frontier", "perlmutter", "local", "localslurm"])
 def test_shipped_machine_descriptions_load(name):
     net = load_network(name)
     assert net.gpus_per_node >= 1 and net.flop_rate("float32") > 0

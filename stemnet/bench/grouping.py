@@ -41,7 +41,27 @@ def bench_grouping(config=None, input_shape=(16, 16, 2), batch: int = 16,
             key = "ratio_" + strategy.replace(":", "") + "_vs_none"
             result[key] = two[strategy]["step_s"] / two["none"]["step_s"]
     best = min(two.values(), key=lambda r: r["step_s"])
+    model = _model_efficiency_np2(config, input_shape, batch, strategies)
     result["efficiency_np2"] = two["none"]["samples_per_s"] / (2 * one["none"]["samples_per_s"])
+    result["model_efficiency_np2"] = model["none"]
     result["efficiency_np2_best"] = best["samples_per_s"] / (2 * one["none"]["samples_per_s"])
+    result["model_efficiency_np2_best"] = model[best["strategy"]]
     result["best_strategy"] = best["strategy"]
+    result["model"] = {"machine": "local", "efficiency_np2": model,
+                       "note": "communication only (calibrated alpha-beta of configs/machines/local.yaml); "
+                               "the measured efficiency also pays for 2 ranks sharing 2 cores"}
     return result
+
+
+def _model_efficiency_np2(config, input_shape, batch: int, strategies) -> dict:
+    """The scaling model's 2-rank efficiency T(1)/T(2) per strategy for this run: compute
+    measured here (one process), communication from the calibrated ``local`` profile."""
+    from stemnet.config import load_config
+    from stemnet.distributed.scaling import load_network, measure_workload, simulate_step
+
+    cfg = load_config(config, require=("model",))
+    network = load_network("local")
+    h, w, _ = input_shape
+    work = measure_workload(cfg.model, input_shape, (h, w), batch=batch, repeats=5, probes=8)
+    return {s: simulate_step(work, s, 1, network, dist=cfg.distributed).step_s
+            / simulate_step(work, s, 2, network, dist=cfg.distributed).step_s for s in strategies}

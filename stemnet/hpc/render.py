@@ -214,6 +214,9 @@ def _directives(job: Job, log_prefix: str) -> List[str]:
             f"-A {job.project}",
             f"-t {format_walltime(job.walltime_min)}:00",
             f"-N {job.nodes}",
+            # the allocation must hold the steps' srun geometry (Slurm's default is 1 CPU per node)
+            f"--ntasks-per-node={m.ranks_per_node}",
+            f"--cpus-per-task={m.cores_per_rank * m.threads_per_core}",
             f"-J {job.job_name}",
             f"-o {log_prefix}.%j.out",
             f"-e {log_prefix}.%j.err",

@@ -22,7 +22,7 @@ import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import click
 
@@ -123,30 +123,17 @@ class Submission:
     commands: List[str] = field(default_factory=list)  # what was (or would be) run
 
 
-def submit(
-    task: str,
-    *,
-    machine: str | Path,
-    nodes: int,
-    walltime: Optional[str],
-    project: Optional[str],
-    config: str | Path,
-    out: str | Path,
-    data: Optional[str | Path] = None,
-    overrides: Sequence[str] = (),
-    chain: int = 1,
-    dry_run: bool = False,
-    run: Callable = subprocess.run,
-) -> Submission:
+def submit(task: str, *, dry_run: bool = False, run: Callable = subprocess.run, **request) -> Submission:
     """Check, render, save in ``OUT/jobs/``, and (unless ``dry_run``) submit a job chain.
 
-    Returns a :class:`Submission`; every failure before or during submission is a
-    one-line :class:`UserError` (jobs already submitted in a chain are named in it).
+    ``request``: the keywords of :func:`stemnet.hpc.render.build_job` (machine, nodes,
+    walltime, project, config, out, data, overrides, chain). Returns a
+    :class:`Submission`; every failure before or during submission is a one-line
+    :class:`UserError` (jobs already submitted in a chain are named in it).
     """
     from stemnet.hpc.render import build_job, write_job
 
-    job = build_job(task, machine=machine, nodes=nodes, walltime=walltime, project=project,
-                    config=config, out=out, data=data, overrides=overrides, chain=chain)
+    job = build_job(task, **request)
     script = write_job(job)
     scheduler = job.machine.scheduler
     if scheduler == "local":
