@@ -158,6 +158,33 @@ def config_validate(file: Path, overrides: tuple) -> None:
     click.echo(f"{file}: ok ({', '.join(sections) or 'defaults only'})")
 
 
+@config.command("match")
+@click.argument("micrograph", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--material", required=True, help="Perovskite of the specimen (e.g. SrTiO3).")
+@click.option("--zone", type=click.Choice(["001", "110"]), default="001", show_default=True)
+@click.option("--pixel-size", "pixel_size", type=click.FloatRange(min=0, min_open=True), help="Å per pixel (overrides the file).")
+@click.option("--energy-kev", type=click.FloatRange(60, 300), help="Beam energy (overrides the file).")
+@click.option("--convergence-mrad", type=click.FloatRange(min=0, min_open=True), help="Probe semi-angle.")
+@click.option("--haadf-mrad", metavar="INNER,OUTER", help="HAADF collection semi-angles, e.g. 60,200.")
+@click.option("--abf-mrad", metavar="INNER,OUTER", help="ABF collection semi-angles, e.g. 10,20.")
+@click.option("--bf-mrad", metavar="INNER,OUTER", help="BF collection semi-angles, e.g. 0,10.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the config here.")
+def config_match(micrograph, material, zone, pixel_size, energy_kev, convergence_mrad, haadf_mrad, abf_mrad,
+                 bf_mrad, out) -> None:
+    """Print a simulation config matched to MICROGRAPH, with the source of each value."""
+    from simulation.matching import match, to_text
+
+    cfg, sources = match(micrograph, material=material, zone=zone, pixel_size_ang=pixel_size, energy_kev=energy_kev,
+                         convergence_mrad=convergence_mrad,
+                         detectors_mrad={"haadf": haadf_mrad, "abf": abf_mrad, "bf": bf_mrad})
+    text = to_text(cfg, sources, micrograph)
+    if out is not None:
+        from stemnet.atomic import write_atomic
+
+        write_atomic(out, text.encode())
+    click.echo(text, nl=False)
+
+
 # ---------------------------------------------------------------------------- model
 def _shape_option(length: int):
     """click callback: 'H,W[,C]' -> tuple of ``length`` positive ints, or a one-line error."""
