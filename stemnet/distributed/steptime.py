@@ -16,7 +16,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def measure(model_config: str, input_shape, batch: int, steps: int, strategies) -> list:
+def measure(model_config: str, input_shape, batch: int, steps: int, strategies, quiet: bool = False) -> list:
     import horovod.tensorflow as hvd
     import numpy as np
     import tensorflow as tf
@@ -59,7 +59,7 @@ def measure(model_config: str, input_shape, batch: int, steps: int, strategies) 
         ngroups = len(groups) if isinstance(groups, list) else groups
         results.append({"strategy": strategy, "world": hvd.size(), "groups": ngroups, "step_s": step_s,
                         "samples_per_s": batch * hvd.size() / step_s})
-    if hvd.rank() == 0:
+    if hvd.rank() == 0 and not quiet:
         for row in results:
             print(json.dumps(row), flush=True)
     return results
