@@ -36,8 +36,8 @@ class Mutant(NamedTuple):
 M = Mutant
 MUTANTS: List[Mutant] = [
     # --- the planted bugs of issue 13
-    M("glazer-tilt-sign", "step = 0.5 * a * math.tan(math.radians(tilts[axis]))",
-      "step = -0.5 * a * math.tan(math.radians(tilts[axis]))",
+    M("glazer-tilt-sign", "step = 0.5 * lattice[bond] * math.tan(math.radians(tilts[axis]))",
+      "step = -0.5 * lattice[bond] * math.tan(math.radians(tilts[axis]))",
       ("tests/test_structures.py", "tests/test_labels.py")),
     M("resume-ignores-data-position", "epoch=start_step // per_epoch, start_batch=start_step % per_epoch",
       "epoch=0, start_batch=0", ("tests/test_resume.py -k sigkill",)),
@@ -47,8 +47,8 @@ MUTANTS: List[Mutant] = [
       ("tests/test_evaluate.py",)),
     M("tilt-formula-doubled", "math.atan(2 * rms / float(a_ang[i]))", "math.atan(4 * rms / float(a_ang[i]))",
       ("tests/test_evaluate.py",)),
-    M("multi-rank-step-does-nothing", "opt.apply_gradients(zip(grads, variables))",
-      "opt.apply_gradients(zip([tf.zeros_like(g) for g in grads], variables))",
+    M("multi-rank-step-does-nothing", "            opt.apply_gradients(zip(grads, variables))\n            if ema",
+      "            opt.apply_gradients(zip([tf.zeros_like(g) for g in grads], variables))\n            if ema",
       ("tests/test_distributed.py -k concatenated",)),
     M("cbed-binning-transposed", '"ai,pij,bj->pba"', '"ai,pij,bj->pab"', ("tests/test_multislice.py",)),
     # --- the defects fixed in issue 13, put back
