@@ -360,7 +360,7 @@ def evaluate(run_dir, data_dir, split, json_path, plot_path) -> None:
 @click.option("--batch", type=click.IntRange(min=1), help="Per-GPU batch  [default: train.batch_size, else 1].")
 @click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]),
               help="Picks the machine's peak FLOP rate  [default: train.precision, else float32].")
-@click.option("--algorithm", type=click.Choice(["ring", "tree"]),
+@click.option("--algorithm", type=click.Choice(["ring", "tree", "flat"]),
               help="Inter-node allreduce  [default: the machine's].")
 @click.option("--measure", is_flag=True,
               help="Time forward, backward and update on this host instead of analytic FLOPs.")

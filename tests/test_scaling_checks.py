@@ -75,3 +75,20 @@ def test_calibration_runs_two_gloo_ranks_and_writes_a_profile(tmp_path):
         r = result["strategies"][s]
         assert r["measured_step_s"] > 0 and r["predicted_step_s"] > 0
         assert r["error"] == pytest.approx(r["predicted_step_s"] / r["measured_step_s"] - 1)
+
+
+def test_flat_ring_is_one_ring_through_every_gpu():
+    """algorithm: flat -- 2(N-1) steps at the inter-node latency, bytes at the slowest link."""
+    from stemnet.distributed.scaling import allreduce_seconds
+    from stemnet.hpc.machines import Network
+
+    net = Network.model_validate({
+        "gpus_per_node": 4, "peak_tflops": {"float32": 1.0}, "compute_efficiency": 1.0,
+        "memory_bandwidth_gbs": 100.0, "intra_node": {"bandwidth_gbs": 12.0, "latency_us": 1.0},
+        "inter_node": {"bandwidth_gbs": 3.0, "latency_us": 5.0, "algorithm": "flat"}})
+    n, size = 512, 100e6
+    expected = 2 * (n - 1) * 5e-6 + 2 * (n - 1) / n * size / 3e9
+    assert allreduce_seconds(size, n, net) == pytest.approx(expected)
+    # latency-bound: 1,022 steps of 5 us against a tree's 2 x 7 across 128 nodes
+    assert allreduce_seconds(1e3, n, net) > 5e-3 > 10 * allreduce_seconds(1e3, n, net, algorithm="tree")
+    assert allreduce_seconds(size, 4, net) == pytest.approx(2 * 3 * 1e-6 + 2 * 3 / 4 * size / 12e9)  # one node

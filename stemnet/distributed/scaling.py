@@ -30,6 +30,8 @@ node, M = ⌈N/L⌉ nodes; α latency per step, B bandwidth per direction):
   share the node's injection bandwidth ``B_node``:
   ring ``2(M-1)·α_inter + 2(M-1)/M · S/B_node``, or
   tree (NCCL's double binary tree, pipelined) ``2⌈log2 M⌉·α_inter + 2·S/B_node``;
+- or, ``algorithm: flat`` (NCCL rings before hierarchies and trees), one ring through all
+  N GPUs: ``2(N-1)·α_inter + 2(N-1)/N · S/min(B_intra, B_node)``;
 - plus ``allreduce_overhead`` per allreduce (Horovod's launch and, with the response
   cache, its small per-cycle coordination).
 
@@ -111,6 +113,10 @@ def allreduce_seconds(nbytes: float, gpus: int, network: Network, algorithm: Opt
     local = min(gpus, network.gpus_per_node)
     nodes = math.ceil(gpus / local)
     intra = network.intra_node
+    if nodes > 1 and network.inter_node is not None and (algorithm or network.inter_node.algorithm) == "flat":
+        inter = network.inter_node  # one ring through all GPUs, its bytes at the slowest link
+        slowest = min(intra.bandwidth_gbs, inter.bandwidth_gbs) * 1e9
+        return 2 * (gpus - 1) * inter.latency_us * 1e-6 + 2 * (gpus - 1) / gpus * nbytes / slowest
     t = 2 * (local - 1) * intra.latency_us * 1e-6 + 2 * (local - 1) / local * nbytes / (intra.bandwidth_gbs * 1e9)
     if nodes > 1:
         inter = network.inter_node
@@ -123,7 +129,7 @@ def allreduce_seconds(nbytes: float, gpus: int, network: Network, algorithm: Opt
         elif algo == "tree":
             t += 2 * math.ceil(math.log2(nodes)) * alpha + 2 * nbytes * beta
         else:
-            raise ScalingError(f"--algorithm: expected ring or tree, got {algo!r}")
+            raise ScalingError(f"--algorithm: expected ring, tree or flat, got {algo!r}")
     return t
 
 

@@ -178,9 +178,14 @@ class Link(_Strict):
 
 
 class InterNodeLink(Link):
-    """The network between nodes: ``bandwidth_gbs`` is the injection bandwidth per node."""
+    """The network between nodes: ``bandwidth_gbs`` is the injection bandwidth per node.
 
-    algorithm: Literal["ring", "tree"] = "tree"
+    ``algorithm``: ``tree`` or ``ring`` across nodes after a ring inside each node
+    (hierarchical), or ``flat``: one ring through every GPU (NCCL rings without a
+    hierarchy), ``2(N-1)`` steps at this latency, bytes at the slowest link it crosses.
+    """
+
+    algorithm: Literal["ring", "tree", "flat"] = "tree"
 
 
 class Network(_Strict):
