@@ -127,7 +127,11 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", action="store_true", help="First check that the unmutated copy passes.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary copies.")
     args = parser.parse_args(argv)
-    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    by_name = {m.name: m for m in MUTANTS}
+    unknown = [n for n in args.only or [] if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutant {unknown[0]!r}; see --list")
+    mutants = [by_name[n] for n in args.only] if args.only else MUTANTS  # in the order asked
     if args.list:
         for m in mutants:
             print(f"{m.name:34s} {' '.join(m.tests)}")
