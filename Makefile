@@ -13,7 +13,7 @@ DEPS_KEY   := $(shell cat setup.cfg pyproject.toml 2>/dev/null | { cat; echo '$(
 STAMP      := $(VENV)/.installed-$(DEPS_KEY)
 HOROVOD_FLAGS := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
 
-.PHONY: install slurm testdata test test-all demo bench clean-venv help
+.PHONY: install slurm testdata test test-all demo bench mutate clean-venv help
 
 help:
 	@echo "make install   create $(VENV): TensorFlow ($(TF_PACKAGE)), Horovod built with Gloo, stemnet"
@@ -21,6 +21,7 @@ help:
 	@echo "make test-all  install if needed, then every test, slow ones included"
 	@echo "make demo      install if needed, then simulate -> train -> evaluate -> reconstruct"
 	@echo "make bench     install if needed, then the benchmarks (JSON in bench/)"
+	@echo "make mutate    install if needed, then plant known bugs in a copy and count the ones the tests catch"
 
 install: $(STAMP)
 
@@ -82,6 +83,9 @@ bench: install
 	$(VENV)/bin/stemnet bench train --data demo/data --json bench/train.json
 	$(VENV)/bin/stemnet bench data --data demo/data --json bench/data.json
 	$(VENV)/bin/stemnet bench grouping --json bench/grouping.json
+
+mutate: install
+	$(VENV)/bin/python tools/mutate.py --baseline
 
 clean-venv:
 	rm -rf $(VENV)

@@ -335,6 +335,15 @@ def _worker(cfg_dict: dict, out: str, writer: int, writers: int, done: dict, mes
         messages.put(("error", f"writer {writer}: {type(err).__name__}: {err}"))
 
 
+def check_physics(cfg: SimulationConfig) -> None:
+    """Refuse settings the simulator rejects (e.g. ``cbed.k`` beyond the pattern) before
+    anything is written: sample 0 is simulated once, in memory."""
+    try:
+        simulate_sample(cfg, 0)
+    except ValueError as err:  # bad physics settings, named by the simulator
+        raise UserError(f"simulation: {err}") from None
+
+
 def check_output(cfg: SimulationConfig, out: Path, overwrite: bool, world: int) -> None:
     """Refuse a folder holding another dataset; with ``overwrite``, clear it."""
     existing = sorted(out.glob("*/shard-*.lmdb")) + sorted(out.glob(MANIFEST_NAME))
@@ -407,9 +416,13 @@ def generate(
     out = Path(out)
     start = time.perf_counter()
     sampling(cfg)  # an aliased scan is refused before anything is written
+    check_physics(cfg)
     if rank == 0:
         check_output(cfg, out, overwrite, world)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--out {out}: cannot create it ({err.strerror}); expected a writable folder path") from None
         (out / CONFIG_NAME).write_text(yaml.safe_dump({"simulation": cfg.model_dump(mode="json")}, sort_keys=False))
     writers = workers * world
     mine = [rank * workers + local for local in range(workers)]

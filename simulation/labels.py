@@ -12,9 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from simulation.structures import Specimen
-
-SUBLATTICES = ("A", "B", "O")
-DISPLACEMENT_CHANNELS = tuple(f"{s}_{c}" for s in SUBLATTICES for c in ("dx", "dy", "dz"))
+from stemnet.data.layout import DISPLACEMENT_CHANNELS, SUBLATTICES  # noqa: F401 (re-exported)
 
 
 class Columns(NamedTuple):

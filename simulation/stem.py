@@ -24,7 +24,8 @@ IMPERFECTION_PARAMS = (
     "amorphous_ang", "jitter_ang", "drift_x_ang_per_line", "drift_y_ang_per_line", "flyback_ang",
     "dose_e_per_ang2", "read_noise_e", "gain", "offset_frac",
 )
-_FROM_CONFIG = {"residual_defocus_ang": "defocus_ang", "residual_cs_ang": "cs_ang"}
+CONFIG_KEYS = {  # param name -> ImperfectionsConfig field, where they differ
+   "residual_defocus_ang": "defocus_ang", "residual_cs_ang": "cs_ang"}
 _ANGLES_DEG = {"astigmatism_angle_deg": ("astigmatism_ang", 180.0), "coma_angle_deg": ("coma_ang", 360.0),
                "mistilt_angle_deg": ("mistilt_mrad", 360.0)}
 
@@ -65,7 +66,7 @@ def draw_imperfections(imperfections, rng: np.random.Generator) -> dict:
             angle = float(rng.uniform(0.0, turn))
             out[name] = angle if getattr(imperfections, magnitude)[1] > 0 else 0.0
             continue
-        lo, hi = getattr(imperfections, _FROM_CONFIG.get(name, name))
+        lo, hi = getattr(imperfections, CONFIG_KEYS.get(name, name))
         out[name] = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
     return out
 

@@ -218,6 +218,13 @@ class SimulationConfig(Section):
         return value
 
     @model_validator(mode="after")
+    def _imperfections_need_stem(self):
+        if self.imperfections is not None and self.mode != "stem":
+            raise ValueError("imperfections: drawn imperfections are modelled for mode stem only; "
+                             f"expected null for mode {self.mode}")
+        return self
+
+    @model_validator(mode="after")
     def _known_materials(self):
         unknown = [m for m in self.specimen.materials if m not in self.materials]
         if unknown:
@@ -227,7 +234,8 @@ class SimulationConfig(Section):
             )
         name = min(self.specimen.materials, key=lambda m: self.materials[m].a)
         width = self.specimen.cells * self.materials[name].a
-        if self.fov_ang > width:
+        # STEM images are summed as Fourier series of the periodic cell: any field of view
+        if self.fov_ang > width and self.mode != "stem":
             raise ValueError(
                 f"fov_ang: field of view {self.fov_ang:g} Å is larger than the specimen "
                 f"({self.specimen.cells} cells of {name} = {width:.2f} Å); expected fov_ang <= {width:.2f}"
@@ -277,6 +285,7 @@ class TrainConfig(Section):
     checkpoint_every: PositiveInt = 50
     keep_checkpoints: PositiveInt = 3
     seed: int = 0
+    record_batches: bool = False  # debug: RUN/batches-rank{r}.jsonl, per step the sample indices, lr, loss scale
 
 
 class DataConfig(Section):

@@ -401,7 +401,7 @@ def test_bad_inputs_fail_in_one_line_without_output(fake_run, tmp_path):
         ((fake_run, tmp_path / "ok.npy"), "no pixel-size calibration"),
         ((fake_run, tmp_path / "nan.npy", "--pixel-size", 0.4), "NaN/Inf"),
         ((fake_run, tmp_path / "one.npy", "--pixel-size", 0.4), "expects channels"),
-        ((fake_run, tmp_path / "three.npy", "--pixel-size", 0.4), "expects channels"),
+        ((fake_run, tmp_path / "three.npy", "--pixel-size", 0.4), "a 3-D stack of 3 images; the run expects 2 planes (C, H, W) in the order ['haadf', 'abf']"),
         ((fake_run, "--channels", f"haadf={tmp_path / 'one.npy'},bf={tmp_path / 'one.npy'}",
           "--pixel-size", 0.4), "missing ['abf']"),
         ((fake_run, tmp_path / "ok.npy", "--pixel-size", 0.7), "0.7 Å (y) is coarser than this run can "
@@ -648,3 +648,45 @@ def test_no_seams(haadf_run, crystal):
     ratio = float(err[border].mean() / err[centres & ~border].mean())
     print(f"seam ratio (border / elsewhere error at columns) {ratio:.3f}")
     assert ratio <= 1.2
+
+
+def test_uncertainty_calibrated_on_validation(haadf_run, crystal, tmp_path):
+    """The variance scale fitted on the validation split gives 68 % coverage there, is
+    reported with the held-out test split's coverage, and scales the column uncertainties."""
+    from stemnet.reconstruct.calibration import ensemble_on_samples
+
+    run, data, _ = haadf_run
+    image, pixel, _, _ = crystal
+    np.save(tmp_path / "img.npy", image)
+    before, _ = R.reconstruct_files(run, [tmp_path / "img.npy"], tmp_path / "a", pixel_size=pixel, plot=False)[0]
+    result = R.calibrate_uncertainty(run, data, "val")
+    try:
+        scale = result["variance_scale"]
+        assert 0.6 <= result["coverage_scaled"] <= 0.75 and result["values"] > 50
+        held_out = ensemble_on_samples(run, data, "test")
+        t, m, s = held_out["displacement_t"], held_out["displacement_m"], held_out["displacement_s"]
+        raw, scaled = R.coverage(t, m, s), R.coverage(t, m, scale * s)
+        print(f"\nvariance scale {scale:.2f}: 1-sigma coverage on the test split {raw:.1%} raw -> {scaled:.1%} "
+              f"(validation {result['coverage_raw']:.1%} -> {result['coverage_scaled']:.1%})")
+        assert 0.45 <= scaled <= 0.9
+        after, _ = R.reconstruct_files(run, [tmp_path / "img.npy"], tmp_path / "b", pixel_size=pixel, plot=False)[0]
+        assert after.summary["variance_scale"] == pytest.approx(scale)
+        assert np.allclose(after.columns["std_dx_ang"], scale * before.columns["std_dx_ang"], rtol=1e-5)
+        assert after.summary["spread_vs_validation"] > 0
+    finally:
+        (run / "uncertainty.json").unlink(missing_ok=True)  # the other tests use the uncalibrated run
+
+
+def test_tilt_transforms_as_an_axial_vector():
+    """Tilt angles (about x, y, z) under the 8 symmetries: rotations keep the tilt about z,
+    mirrors flip it; in-plane components turn with the vectors; each inverse undoes it."""
+    from stemnet.data import d4_vectors
+
+    t = np.array([1.0, 2.0, 3.0])
+    for g in R.D4:
+        det = (-1) ** sum(g)  # transpose and each mirror have det -1
+        moved = R.tilt_vectors(t, g)
+        assert moved[2] == det * 3.0, g
+        assert np.allclose(R.tilt_vectors(moved, R.d4_inverse(g)), t), g
+        d = d4_vectors(np.array([0, 0, 0, 1.0, 2.0, 0, 0, 0, 0]), g)[3:5]  # a polar (dx, dy)
+        assert np.allclose(moved[:2], det * d), g  # an axial vector turns like a polar one, times det

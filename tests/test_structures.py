@@ -291,3 +291,47 @@ def test_zone_110_tilts_measured_back(glazer, tilt):
     spec = build(glazer, tilt, zone="110")
     np.testing.assert_allclose(measure_tilts(spec), tilt, atol=0.2)
     assert spec.atoms.get_all_distances(mic=True)[np.triu_indices(len(spec.atoms), 1)].min() > 1.5
+
+
+@pytest.mark.parametrize("glazer, tilt", [("a0a0c+", (0, 0, 8)), ("a-a-a-", (6, 6, 6)), ("a+b-b-", (7, 5, 5))])
+def test_tilt_sign_convention_is_counter_clockwise_about_each_positive_axis(glazer, tilt):
+    """The octahedron of cell (0, 0, 0) turns counter-clockwise about +x, +y, +z (seen
+    from the axis tip): its +x bond towards +y (about z), +y bond towards +z (about x),
+    +z bond towards +x (about y) -- flipping every tilt's sign fails here."""
+    spec = build(glazer, tilt, n=2, m=2)
+    lattice = np.asarray(spec.params["lattice_ang"])
+    b = np.flatnonzero(spec.sublattice == 1)
+    b0 = b[np.argmin(np.linalg.norm(spec.ideal_positions[b] - lattice / 2, axis=1))]
+    x = np.flatnonzero(spec.sublattice == 2)
+    pos = spec.atoms.positions
+    for axis, (bond, towards) in enumerate([(1, 2), (2, 0), (0, 1)]):  # about x, y, z
+        site = spec.ideal_positions[b0] + lattice[bond] / 2 * np.eye(3)[bond]
+        o = x[np.argmin(np.linalg.norm(spec.ideal_positions[x] - site, axis=1))]
+        v = pos[o] - pos[b0]
+        angle = math.degrees(math.atan2(v[towards], v[bond]))
+        assert angle == pytest.approx(tilt[axis], abs=1e-9)
+    np.testing.assert_allclose(spec.octahedron_tilt_deg[b0], tilt)
+    np.testing.assert_allclose(measure_tilts(spec), tilt, atol=0.2)  # measured back from the atoms
+
+
+@pytest.mark.parametrize("glazer, tilt", [("a0a0c+", (0, 0, 8)), ("a0a0c-", (0, 0, 8)), ("a-a-a-", (6, 6, 6)),
+                                          ("a+b-b-", (7, 5, 5))])
+def test_tilt_map_is_constant_over_each_cell_and_signed_per_octahedron(glazer, tilt):
+    from simulation.imaging import pixel_positions
+    from simulation.labels import tilt_map
+
+    spec = build(glazer, tilt, n=2, m=2)
+    lattice = np.asarray(spec.params["lattice_ang"])
+    positions = pixel_positions((32, 32), 2 * lattice[0])  # 16 pixels per cell
+    maps = tilt_map(spec, positions)
+    assert maps.shape == (3, 32, 32)
+    for i, j in product(range(2), range(2)):
+        block = maps[:, 16 * j:16 * j + 16, 16 * i:16 * i + 16]  # rows along y (cell j), columns x (cell i)
+        assert np.ptp(block, axis=(1, 2)).max() == 0  # one value per cell
+        b = np.flatnonzero(spec.sublattice == 1)
+        site = (np.array([i, j, 0]) + 0.5) * lattice
+        b_site = b[np.argmin(np.linalg.norm(spec.ideal_positions[b] - site, axis=1))]  # entrance layer
+        np.testing.assert_allclose(block[:, 0, 0], spec.octahedron_tilt_deg[b_site])
+    np.testing.assert_allclose(np.abs(maps).max(axis=(1, 2)), tilt)
+    if glazer == "a0a0c-":  # the column mean would be 0; the map keeps the entrance octahedron
+        assert np.abs(maps[2]).min() == 8.0

@@ -30,11 +30,15 @@ DISPLACEMENT_CHANNELS = tuple(f"{s}_{c}" for s in SUBLATTICES for c in COMPONENT
 # "scalar" (moved as a map), "vector" (moved, and its (dx, dy) components turned).
 # A new label field (e.g. ``tilt``, (3, H, W) angles about x, y, z) is added here with
 # its channel names and transform, and, if predictable, to TARGETS.
-LABEL_FIELDS: Dict[str, str] = {"potential": "scalar", "displacement": "vector", "columns": "scalar"}
+# "axial": the per-cell octahedral tilt angles (deg) about x, y, z, a pseudovector (a mirror
+# turns it and flips its sign); not read by the training pipeline yet.
+LABEL_FIELDS: Dict[str, str] = {"potential": "scalar", "displacement": "vector", "columns": "scalar",
+                                "tilt": "axial"}
 LABEL_CHANNELS: Dict[str, Tuple[str, ...]] = {
     "potential": ("potential",),
     "displacement": DISPLACEMENT_CHANNELS,
     "columns": SUBLATTICES,
+    "tilt": ("tilt_x_deg", "tilt_y_deg", "tilt_z_deg"),
 }
 TARGET_FIELDS = tuple(LABEL_FIELDS)
 INPUT_FIELDS = ("cbed", "stem")

@@ -66,14 +66,42 @@ def _truth_tilt(cols_xy, sub, disp, a):
     return out
 
 
+def simulate_micrograph(material, cells: int, thickness: int, tilt_deg: float, polar_b, sim: dict, channels,
+                        rng, *, pixel_ang: float = 0.1, dose: float = 1e5, imperfections: Optional[dict] = None):
+    """A realistic periodic [001] micrograph (a0a0c+ ``tilt_deg`` about z, B shifted by
+    ``polar_b`` Å): abTEM at the probe's Nyquist step with the dataset's microscope and
+    detectors (``sim``: its simulation config), Fourier-interpolated to ``pixel_ang``,
+    with :func:`_imperfect`. Returns (specimen, (C, n, n) counts, pixel size Å)."""
+    from simulation.multislice import stem_images
+    from simulation.structures import build_specimen
+
+    imperfections = dict(IMPERFECTIONS, **(imperfections or {}))
+    mic = sim["microscope"]
+    energy, alpha = float(mic["energy_ev"]), float(mic["convergence_mrad"])
+    wavelength = 12.2643 / math.sqrt(energy * (1 + 0.978476e-6 * energy))  # Å
+    fov = cells * material.a
+    step = min(wavelength / (4 * alpha * 1e-3), float(sim["fov_ang"]) / max(sim["output_shape"]))
+    spec = build_specimen(material, cells, thickness, glazer="a0a0c+", tilt_deg=(0.0, 0.0, tilt_deg),
+                          polar_B_ang=tuple(polar_b))
+    n_scan = int(math.ceil(fov / step))
+    images = stem_images(spec.atoms, energy_ev=energy, convergence_mrad=alpha, shape=(n_scan, n_scan),
+                         fov_ang=((0.0, 0.0), (fov, fov)), sampling_ang=float(sim["sampling_ang"]),
+                         slice_thickness_ang=material.a / 2, detectors=dict(sim["stem"]["detectors"]))
+    n = int(round(fov / pixel_ang))
+    p = fov / n
+    names = [c.lower() for c in sim["stem"]["detectors"]]
+    frames = np.stack([_imperfect(_fourier_upsample(images[names.index(c)], n), p, rng, dose=dose, **imperfections)
+                       for c in channels])
+    return spec, frames, p
+
+
 def bench_sim2real(run, data, *, samples: int = 2, pixel_ang: float = 0.1, min_px: int = 256, seed: int = 11,
                    imperfections: Optional[dict] = None, progress: bool = True) -> dict:
     """Score RUN (trained on dataset DATA) on ``samples`` held-out realistic micrographs."""
     from scipy.spatial import cKDTree
 
     from simulation.labels import find_columns
-    from simulation.multislice import stem_images
-    from simulation.structures import build_specimen, material_from_dict
+    from simulation.structures import material_from_dict
     from stemnet.data import Normalization
     from stemnet.reconstruct.ensemble import keras_predictor
     from stemnet.reconstruct.micrograph import Micrograph
@@ -89,11 +117,7 @@ def bench_sim2real(run, data, *, samples: int = 2, pixel_ang: float = 0.1, min_p
     imperfections = dict(IMPERFECTIONS, **(imperfections or {}))
     name, mat = next(iter(info["materials"].items()))
     material = material_from_dict(name, mat)
-    mic = sim["microscope"]
-    energy, alpha = float(mic["energy_ev"]), float(mic["convergence_mrad"])
-    wavelength = 12.2643 / math.sqrt(energy * (1 + 0.978476e-6 * energy))
-    step = min(wavelength / (4 * alpha * 1e-3), float(info["pixel_size_ang"]))
-    cells = int(math.ceil(min_px * pixel_ang / material.a))
+    cells = 2 * int(math.ceil(min_px * pixel_ang / material.a / 2))  # even: a0a0c+ closes across the cell
     fov = cells * material.a
     thickness = int(max(sim["specimen"]["thickness_cells"])) + 1
     dose = 0.5 * float(sim.get("noise_dose_e_per_ang2") or 2e5)
@@ -108,18 +132,10 @@ def bench_sim2real(run, data, *, samples: int = 2, pixel_ang: float = 0.1, min_p
     for k in range(samples):
         tilt = float(rng.uniform(4.0, 9.0))
         polar_b = tuple(rng.uniform(-0.12, 0.12, 2)) + (0.0,)
-        spec = build_specimen(material, cells, thickness, glazer="a0a0c+", tilt_deg=(0.0, 0.0, tilt),
-                              polar_B_ang=polar_b)
-        n_scan = int(round(fov / step))
-        images = stem_images(spec.atoms, energy_ev=energy, convergence_mrad=alpha, shape=(n_scan, n_scan),
-                             fov_ang=((0.0, 0.0), (fov, fov)), sampling_ang=float(sim["sampling_ang"]),
-                             slice_thickness_ang=material.a / 2, detectors=dict(sim["stem"]["detectors"]))
-        n = int(round(fov / pixel_ang))
-        p = fov / n
         channels = [c.lower() for c in info["input_channels"]]
-        names = [c.lower() for c in sim["stem"]["detectors"]]
-        frames = np.stack([_imperfect(_fourier_upsample(images[names.index(c)], n), p, rng, dose=dose,
-                                      **imperfections) for c in channels])
+        spec, frames, p = simulate_micrograph(material, cells, thickness, tilt, polar_b, sim, channels, rng,
+                                              pixel_ang=pixel_ang, dose=dose, imperfections=imperfections)
+        n = frames.shape[-1]
         micrograph = Micrograph(frames, (p, p), channels, [], f"sim2real-{k}", "file")
         rec = reconstruct(predict, micrograph, info, norm, uncertainty=uncertainty, progress=progress)
         truth = find_columns(spec)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
@@ -34,11 +34,12 @@ def ensemble_on_samples(run, data, split: str = "val", max_samples: int = 64) ->
     ``max_samples`` samples of ``data/split``: ``{"displacement": [t, m, s], "tilt": ...}``
     with ``(N, K)`` arrays (in-plane displacement channels, Å; tilt, degrees)."""
     from stemnet.data import Normalization
-    from stemnet.shards import ShardReader, read_manifest
+    from stemnet.shards import ShardReader, read_manifest, simulation_section
     from stemnet.train.run import load_run
+    from stemnet.train.rundata import RunData
 
     run, data = Path(run), Path(data)
-    info = json.loads((run / "data.json").read_text())
+    info = RunData.read(run / "data.json").model_dump(mode="json")
     norm = Normalization.from_dict(json.loads((run / "normalization.json").read_text()))
     manifest = read_manifest(data)
     entries = (manifest.get("splits", {}).get(split) or {}).get("shards", [])
@@ -47,7 +48,7 @@ def ensemble_on_samples(run, data, split: str = "val", max_samples: int = 64) ->
     model, _, _, _ = load_run(run)
     predict = keras_predictor(model)
     channels = info.get("input_channels") or []
-    names = list(manifest.get("extra", {}).get("simulation", {}).get("stem", {}).get("detectors", {}) or channels)
+    names = simulation_section(manifest).detectors or list(channels)
     pick = [names.index(c) for c in channels] if all(c in names for c in channels) else list(range(len(channels)))
     found: Dict[str, list] = {}
     n = 0

@@ -27,12 +27,12 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from stemnet.data.layout import SUBLATTICES
 from stemnet.log import get_logger
 from stemnet.reconstruct.lattice import Lattice, fft_basis, fit_lattice
 from stemnet.reconstruct.peaks import find_peaks, fit_gaussians
 
 log = get_logger("reconstruct")
-SUBLATTICES = ("A", "B", "O")
 FFT_CROP = 512  # the spectrum is taken on the central FFT_CROP² pixels at most
 
 

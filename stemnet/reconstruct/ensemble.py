@@ -2,21 +2,20 @@
 
 Each symmetry (:func:`stemnet.data.d4_array`; displacement channels transformed as
 vectors by :func:`stemnet.data.d4_vectors`) is applied to the image, the prediction
-mapped back by the inverse element (found and checked numerically); the
+mapped back by the inverse element (closed form, :func:`stemnet.data.layout.d4_inverse`); the
 reconstruction is the mean of the eight, the uncertainty their standard deviation.
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from stemnet.data.layout import ELEMENTS, d4_inverse  # noqa: F401 (d4_inverse re-exported)
 from stemnet.reconstruct.tiling import Predictor, predict_tiled
 
-D4 = tuple(itertools.product((0, 1), repeat=3))  # (transpose, flip_y, flip_x)
-_INVERSE: Dict[tuple, tuple] = {}
+D4 = ELEMENTS  # (transpose, flip_y, flip_x), e = 4·transpose + 2·flip_y + flip_x
 
 
 def _apply(element, maps: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -46,22 +45,6 @@ def tilt_vectors(t: np.ndarray, element) -> np.ndarray:
     if fx:
         t = t * np.array([1.0, -1.0, -1.0], t.dtype)
     return t
-
-
-def d4_inverse(element) -> tuple:
-    """The inverse of a symmetry of the square, found by search and checked numerically
-    on a random scalar map and a random displacement field."""
-    element = tuple(int(e) for e in element)
-    if element not in _INVERSE:
-        rng = np.random.default_rng(0)
-        probe = {"potential": rng.normal(size=(5, 5, 1)), "displacement": rng.normal(size=(5, 5, 9)),
-                 "tilt": rng.normal(size=(5, 5, 3))}
-        moved = _apply(element, probe)
-        found = [g for g in D4 if all(np.array_equal(_apply(g, moved)[k], probe[k]) for k in probe)]
-        if len(found) != 1:
-            raise RuntimeError(f"symmetry {element}: expected one inverse, found {found}")
-        _INVERSE[element] = found[0]
-    return _INVERSE[element]
 
 
 def tta_members(predict: Predictor, image: np.ndarray, tile: Optional[Tuple[int, int]], *, tta: bool = True,

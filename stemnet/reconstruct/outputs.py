@@ -20,9 +20,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from stemnet import __version__
-
-SUBLATTICES = ("A", "B", "O")
-DISPLACEMENT_CHANNELS = tuple(f"{s}_{c}" for s in SUBLATTICES for c in ("dx", "dy", "dz"))
+from stemnet.data.layout import DISPLACEMENT_CHANNELS, SUBLATTICES  # noqa: F401 (re-exported)
 TILT_CHANNELS = ("tilt_x", "tilt_y", "tilt_z")
 HSPY_VERSION = "3.3"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from stemnet.reconstruct.outputs import Reconstruction, write_columns_csv, write
 from stemnet.reconstruct.preprocess import (CLIP_PERCENTILES, COARSER_LIMIT, INTENSITY_RULES, check_sampling,
                                             clip_outliers, match_intensity, resample)
 from stemnet.reconstruct.tiling import Predictor
+from stemnet.train.rundata import RunData
 
 MIN_CELLS = 2  # smallest image, per axis, in unit cells
 UNCERTAINTY = "uncertainty.json"  # in the run folder: the calibrated variance scale
@@ -39,7 +39,7 @@ def run_info(run) -> Tuple[dict, dict]:
         if not (run / name).is_file():
             raise UserError(f"{run}: not a finished run folder ({name} missing; expected an exported model "
                             "from `stemnet train`)")
-    info = json.loads((run / "data.json").read_text())
+    info = RunData.read(run / "data.json").model_dump(mode="json")
     norm = json.loads((run / "normalization.json").read_text())
     if info.get("input_field") != "stem":
         raise UserError(f"{run}: the model was trained on {info.get('input_field')!r} inputs; reconstruct reads "

@@ -317,8 +317,12 @@ def pick_channels(images: Sequence[Image], channels: Sequence[str], where: str) 
     n = len(channels)
     if len(images) == 1 and n == 1:
         return list(images)
-    if n > 1 and len(images) == n and all(im.stacked for im in images):
-        return list(images)
+    if len(images) > 1 and all(im.stacked for im in images):
+        if len(images) == n:
+            return list(images)
+        raise UserError(f"{where}: a 3-D stack of {len(images)} images; the run expects "
+                        + (f"a 2-D image for its one channel {list(channels)}" if n == 1 else
+                           f"{n} planes (C, H, W) in the order {list(channels)}"))
     picked = []
     for channel in channels:
         found = match_title(images, channel)

@@ -154,6 +154,7 @@ class MicroscopeSection(_Section):
 
 class SpecimenSection(_Section):
     materials: List[str] = []
+    zone: Optional[str] = None  # zone axis, e.g. "001"
 
 
 class DistortionSection(_Section):

@@ -3,6 +3,11 @@
 forward → float32 loss → (scaled) gradients, allreduced by Horovod in the configured
 groups → unscaled → non-finite check (after the allreduce, so every rank skips the same
 steps) → LARC / clipping → apply (+ EMA).
+
+On several ranks (op average) the loss is the mean over the real samples of the *global*
+batch: each rank divides its weighted sum by the allreduced weight sum, and Horovod's
+average is undone by the factor world size. So padding (weight 0) changes nothing, and a
+rank whose batch is all padding contributes nothing instead of halving the step.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ def make_train_step(
     variables = model.trainable_variables
     fp16 = tcfg.precision == "mixed_float16"
     distributed = hvd is not None and hvd.size() > 1
+    global_mean = False
     if distributed:
         hcfg = hcfg or DistributedConfig()
         tape_options = dict(
@@ -46,13 +52,20 @@ def make_train_step(
             groups=groups,
             gradient_predivide_factor=hcfg.gradient_predivide_factor,
         )
+        global_mean = hcfg.op == "average"  # Adasum combines gradients itself: per-rank means
+        world = float(hvd.size())
 
     @tf.function
     def train_step(inputs, targets):
+        weight_total = None
+        if global_mean and "weight" in targets:
+            weight_total = hvd.allreduce(tf.reduce_sum(tf.cast(targets["weight"], tf.float32)), op=hvd.Sum,
+                                         name="global_weight_sum")
         with tf.GradientTape() as tape:
             outputs = model(inputs, training=True)
-            losses = total_loss(tcfg.loss, targets, outputs, tcfg.head_weights)
-            objective = opt.get_scaled_loss(losses["total"]) if fp16 else losses["total"]
+            losses = total_loss(tcfg.loss, targets, outputs, tcfg.head_weights, weight_total=weight_total)
+            share = losses["total"] if weight_total is None else losses["total"] * world  # undo the average
+            objective = opt.get_scaled_loss(share) if fp16 else share
         if distributed:
             tape = hvd.DistributedGradientTape(tape, **tape_options)
         grads = tape.gradient(objective, variables)
@@ -73,6 +86,8 @@ def make_train_step(
         else:
             skipped.assign_add(tf.cond(finite, apply, lambda: tf.constant(1, tf.int64)))
         step.assign_add(1)
+        if weight_total is not None:  # the shares add up to the global mean
+            losses = {k: hvd.allreduce(v, op=hvd.Sum, name=f"global_loss_{k}") for k, v in losses.items()}
         return losses
 
     return train_step
