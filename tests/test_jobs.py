@@ -444,7 +444,11 @@ def test_lsf_training_script_runs_every_step(tmp_path, tiny_dataset, stand_ins):
             f"--out {run} --no-progress [rank=0]") in calls
     # staging before training, both for real: the staged copy verifies, the run finished
     assert max(i for i, c in enumerate(calls) if "stage" in c) < min(i for i, c in enumerate(calls) if " train " in c)
-    verify(stage / "rank0")
+    staged = stage / "rank0"  # the one rank's copy: the train and val shards (stage's default), not test
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (staged / split).glob("shard-*.lmdb")) == sorted(
+            p.name for p in (tiny_dataset / split).glob("shard-*.lmdb"))
+    assert not (staged / "test").exists() and (staged / "manifest.json").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["finished"] and summary["steps"] == load_config(TRAINING).train.steps
     # node-local outputs copied back to the run folder
