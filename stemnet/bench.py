@@ -200,16 +200,18 @@ def bench_data_pipeline(data_dir, config=REPO / "configs/training/demo.yaml", ba
 
 
 # ------------------------------------------------------------------------- grouping
-def _steptime(np_ranks: int, model_config, input_shape, batch, steps, strategies) -> list:
+def _steptime(np_ranks: int, model_config, input_shape, batch, steps, strategies, backend: str = "horovod") -> list:
     cmd = [sys.executable, "-m", "stemnet.distributed.steptime", "--model", str(model_config),
            "--input-shape", ",".join(map(str, input_shape)), "--batch", str(batch), "--steps", str(steps),
-           *strategies]
-    if np_ranks > 1:
+           "--backend", backend, *strategies]
+    if np_ranks > 1 and backend == "horovod":
         horovodrun = str(Path(sys.executable).parent / "horovodrun")
         cmd = [horovodrun, "-np", str(np_ranks), "-H", f"localhost:{np_ranks}", "--gloo"] + cmd
+    elif np_ranks > 1:
+        cmd = [sys.executable, "-m", "stemnet.cli", "launch", "-n", str(np_ranks), "--"] + cmd
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
-        raise RuntimeError(f"steptime on {np_ranks} rank(s) failed: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"steptime ({backend}) on {np_ranks} rank(s) failed: {proc.stderr[-2000:]}")
     rows = []
     for line in proc.stdout.splitlines():
         start = line.find("{")
@@ -219,20 +221,31 @@ def _steptime(np_ranks: int, model_config, input_shape, batch, steps, strategies
 
 
 def bench_grouping(config=REPO / "configs/training/demo.yaml", input_shape=(16, 16, 2), batch: int = 16,
-                   steps: int = 20, strategies=("none", "count:4", "layer", "graph")) -> dict:
-    """2 ranks over Gloo: step time per strategy relative to ``none``, and 2 vs 1 rank."""
-    two = {r["strategy"]: r for r in _steptime(2, config, input_shape, batch, steps, strategies)}
-    one = {r["strategy"]: r for r in _steptime(1, config, input_shape, batch, steps, ["none"])}
+                   steps: int = 20, strategies=("none", "count:4", "layer", "graph"), backends=None) -> dict:
+    """2 ranks: step time per strategy relative to ``none``, and 2 vs 1 rank, per backend.
+
+    ``backends`` defaults to every installed one (horovod over Gloo, mwms over gRPC), run
+    one after the other in this call; Horovod's keys are unprefixed, the others carry
+    their name (``mwms_ratio_graph_vs_none``, ``mwms_efficiency_np2``).
+    """
+    from stemnet.distributed.backends import horovod_available
+
+    backends = backends or (["horovod", "mwms"] if horovod_available() else ["mwms"])
     result = {"config": str(config), "input_shape": list(input_shape), "batch_per_rank": batch,
-              "np2": two, "np1": one}
-    for strategy in strategies:
-        if strategy != "none":
-            key = "ratio_" + strategy.replace(":", "") + "_vs_none"
-            result[key] = two[strategy]["step_s"] / two["none"]["step_s"]
-    best = min(two.values(), key=lambda r: r["step_s"])
-    result["efficiency_np2"] = two["none"]["samples_per_s"] / (2 * one["none"]["samples_per_s"])
-    result["efficiency_np2_best"] = best["samples_per_s"] / (2 * one["none"]["samples_per_s"])
-    result["best_strategy"] = best["strategy"]
+              "backends": list(backends)}
+    for backend in backends:
+        prefix = "" if backend == "horovod" else f"{backend}_"
+        two = {r["strategy"]: r for r in _steptime(2, config, input_shape, batch, steps, strategies, backend)}
+        one = {r["strategy"]: r for r in _steptime(1, config, input_shape, batch, steps, ["none"], backend)}
+        result[prefix + "np2"], result[prefix + "np1"] = two, one
+        for strategy in strategies:
+            if strategy != "none":
+                key = prefix + "ratio_" + strategy.replace(":", "") + "_vs_none"
+                result[key] = two[strategy]["step_s"] / two["none"]["step_s"]
+        best = min(two.values(), key=lambda r: r["step_s"])
+        result[prefix + "efficiency_np2"] = two["none"]["samples_per_s"] / (2 * one["none"]["samples_per_s"])
+        result[prefix + "efficiency_np2_best"] = best["samples_per_s"] / (2 * one["none"]["samples_per_s"])
+        result[prefix + "best_strategy"] = best["strategy"]
     return result
 
 
