@@ -33,11 +33,16 @@ to one slice) with the Lobato parametrization. The specimen thickness is cut int
 slices with ``np.digitize`` on floating-point slice edges, so an atom lying exactly on a
 boundary (every atomic plane of a perovskite when the slices are ``a/2``) lands in
 either neighbouring slice depending on rounding -- two planes in one slice, an empty
-slice next to it -- and an atom at or above the top edge is silently dropped. With
-abTEM < 1.0.10 every atom is therefore shifted along ``z`` by ``z_offset_ang`` (default: a
-quarter slice) and wrapped back into the cell before the potential is built; abTEM 1.0.10
-fixed both (abTEM PRs #262, #273), so there the default offset is 0.
-:func:`build_potential` checks that every atom was assigned to a slice on either version.
+slice next to it -- and an atom at or above the top edge is silently dropped. abTEM
+1.0.10 fixed both (abTEM PRs #262, #273), but the offset stays on every version: with the
+bug gone, atoms of a plane on a boundary that a distortion (polar shift, tilt) moves
+slightly below it go to the slice below, so a tiny displacement would split the plane
+between two slices (measured without the offset on abTEM 1.0.11: 6.7e3 of the 9.8e3 V·Å³
+of a BO2 plane moved a slice down for bench and tiny samples; the projected label did not
+change). Every atom is therefore shifted along ``z`` by ``z_offset_ang`` (default: a
+quarter slice, which puts each plane mid-slice) and wrapped back into the cell before the
+potential is built; :func:`build_potential` then checks that every atom was assigned to
+a slice.
 
 Performance
 -----------
@@ -67,7 +72,7 @@ from abtem.potentials.iam import PotentialArray, TransmissionFunction
 from ase import Atoms
 from scipy.ndimage import map_coordinates
 
-# abTEM < 1.0.10 mis-slices atoms on slice boundaries (see the module notes)
+# abTEM < 1.0.10 mis-slices atoms on slice boundaries and drops top-edge ones (module notes)
 ABTEM_MISSLICES = tuple(int(p) for p in abtem.__version__.split(".")[:3]) < (1, 0, 10)
 
 __all__ = [
@@ -237,9 +242,8 @@ def build_potential(
     seed : int
         Seed of the frozen-phonon displacements.
     z_offset_ang : float, optional
-        Shift of all atoms along ``z`` before slicing [Å]; default a quarter of the
-        slice thickness with abTEM < 1.0.10 (keeps atomic planes off slice boundaries,
-        see module notes), 0 with abTEM >= 1.0.10.
+        Shift of all atoms along ``z`` before slicing [Å], default a quarter of the
+        slice thickness; keeps atomic planes off slice boundaries (see module notes).
     parametrization : {'lobato', 'kirkland'}
         Atomic potential parametrization.
 
@@ -253,8 +257,7 @@ def build_potential(
     thickness = float(atoms.cell[2, 2])
     n = num_slices(thickness, slice_thickness_ang)
     dz = thickness / n
-    default_offset = dz / 4 if ABTEM_MISSLICES else 0.0
-    atoms = _shift_z(atoms, default_offset if z_offset_ang is None else float(z_offset_ang))
+    atoms = _shift_z(atoms, dz / 4 if z_offset_ang is None else float(z_offset_ang))
     source: Atoms | abtem.FrozenPhonons = atoms
     if phonon_rms_ang is not None:
         if num_phonon_configs < 1:
