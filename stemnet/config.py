@@ -95,6 +95,64 @@ class MicroscopeConfig(Section):
     cs_ang: float = 0.0
 
 
+Range = Tuple[float, float]
+
+
+def _ordered_range(value):
+    if value[0] > value[1]:
+        raise ValueError(f"expected [min, max] with min <= max, got {list(value)}")
+    return value
+
+
+class ImperfectionsConfig(Section):
+    """Per-sample imperfections of a real instrument, each drawn uniformly from its
+    ``[min, max]`` range (a range ``[0, 0]`` turns it off; gain ``[1, 1]``). The defaults
+    are typical of a 200-300 kV aberration-corrected STEM. Every drawn value is stored in
+    the sample's ``params`` under the same name."""
+
+    source_fwhm_ang: Range = (0.3, 0.6)              # effective Gaussian source size (FWHM)
+    defocus_ang: Range = (-30.0, 30.0)               # residual defocus, added to microscope.defocus_ang
+    astigmatism_ang: Range = (0.0, 20.0)             # two-fold astigmatism C12 (angle drawn in 0-180°)
+    coma_ang: Range = (0.0, 200.0)                   # axial coma C21 (angle drawn in 0-360°)
+    cs_ang: Range = (-10000.0, 10000.0)              # residual C30, added to microscope.cs_ang
+    focal_spread_ang: Range = (20.0, 50.0)           # chromatic defocus spread (1 sigma, Cc dE/E)
+    focal_points: PositiveInt = 3                    # Gauss-Hermite nodes of the focal average
+    mistilt_mrad: Range = (0.0, 3.0)                 # crystal mistilt (direction drawn in 0-360°)
+    amorphous_ang: Range = (0.0, 0.0)                # amorphous layer on the entrance surface
+    amorphous_element: str = "C"
+    amorphous_density_g_cm3: PositiveFloat = 2.0
+    jitter_ang: Range = (0.0, 0.15)                  # line-to-line scan jitter along x (rms)
+    drift_x_ang_per_line: Range = (-0.005, 0.005)    # linear drift: shear
+    drift_y_ang_per_line: Range = (-0.005, 0.005)    # linear drift: stretch along the slow scan
+    flyback_ang: Range = (0.0, 0.3)                  # lag of the first column of every row
+    flyback_decay_px: PositiveFloat = 3.0
+    dose_e_per_ang2: Range = (2.0e4, 2.0e5)          # shot noise (Poisson)
+    read_noise_e: Range = (0.0, 1.0)                 # Gaussian read noise, electrons rms per pixel
+    gain: Range = (0.8, 1.25)
+    offset_frac: Range = (0.0, 0.05)                 # offset, in fractions of the incident beam
+
+    _ranges = field_validator(
+        "source_fwhm_ang", "defocus_ang", "astigmatism_ang", "coma_ang", "cs_ang", "focal_spread_ang",
+        "mistilt_mrad", "amorphous_ang", "jitter_ang", "drift_x_ang_per_line", "drift_y_ang_per_line",
+        "flyback_ang", "dose_e_per_ang2", "read_noise_e", "gain", "offset_frac",
+    )(_ordered_range)
+
+    @field_validator("source_fwhm_ang", "astigmatism_ang", "coma_ang", "focal_spread_ang", "mistilt_mrad",
+                     "amorphous_ang", "jitter_ang", "dose_e_per_ang2", "read_noise_e")
+    @classmethod
+    def _non_negative(cls, value):
+        if value[0] < 0:
+            raise ValueError(f"expected a range of non-negative values, got {list(value)}")
+        return value
+
+    @field_validator("gain")
+    @classmethod
+    def _positive_gain(cls, value):
+        if value[0] <= 0:
+            raise ValueError(f"expected a range of positive gains, got {list(value)}")
+        return value
+
+
 class CbedConfig(Section):
     """4D-STEM: a gx × gy probe grid over the field of view, patterns binned to k × k."""
 
@@ -140,6 +198,13 @@ class SimulationConfig(Section):
     output_shape: Tuple[PositiveInt, PositiveInt] = (32, 32)
     label_sigma_ang: PositiveFloat = 0.3
     noise_dose_e_per_ang2: Optional[PositiveFloat] = None
+    # stem mode: probe step over the periodic cell (None: the probe's Nyquist step
+    # lambda/(4 alpha)); images go to output_shape by Fourier interpolation. A step or an
+    # output pixel coarser than Nyquist is refused unless undersampled_ok (then aliased).
+    scan_step_ang: Optional[PositiveFloat] = None
+    undersampled_ok: bool = False
+    imperfections: Optional[ImperfectionsConfig] = None  # None: a perfect instrument
+    tilt_labels: bool = False  # add the per-cell octahedral tilt maps (deg) as field 'tilt'
     cbed: CbedConfig = Field(default_factory=CbedConfig)
     stem: StemConfig = Field(default_factory=StemConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
@@ -151,6 +216,13 @@ class SimulationConfig(Section):
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"expected fractions summing to 1, got {total:g}")
         return value
+
+    @model_validator(mode="after")
+    def _imperfections_need_stem(self):
+        if self.imperfections is not None and self.mode != "stem":
+            raise ValueError("imperfections: drawn imperfections are modelled for mode stem only; "
+                             f"expected null for mode {self.mode}")
+        return self
 
     @model_validator(mode="after")
     def _known_materials(self):
@@ -212,6 +284,7 @@ class TrainConfig(Section):
     checkpoint_every: PositiveInt = 50
     keep_checkpoints: PositiveInt = 3
     seed: int = 0
+    record_batches: bool = False  # debug: RUN/batches-rank{r}.jsonl, per step the sample indices, lr, loss scale
 
 
 class DataConfig(Section):
@@ -324,9 +397,9 @@ def _apply_override(data: dict, parts: List[str], value: Any, text: str) -> None
     node[parts[-1]] = value
 
 
-def _section_model(loc: Sequence) -> Optional[type]:
-    """The pydantic model class that holds the last key of ``loc`` (for suggestions)."""
-    model: Any = Config
+def _section_model(loc: Sequence, root: Optional[type] = None) -> Optional[type]:
+    """The pydantic model class under ``root`` (default :class:`Config`) that holds the last key of ``loc``."""
+    model: Any = root or Config
     for part in loc[:-1]:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
@@ -355,12 +428,12 @@ def _unwrap(annotation):
             return annotation
 
 
-def _describe_error(err: dict) -> str:
+def _describe_error(err: dict, root: Optional[type] = None) -> str:
     """One pydantic error -> 'what was wrong; expected what'."""
     kind, ctx, given = err["type"], err.get("ctx", {}), err.get("input")
     got = f"got {given!r}" if not isinstance(given, (dict, list)) else f"got a {type(given).__name__}"
     if kind == "extra_forbidden":
-        model = _section_model(err["loc"])
+        model = _section_model(err["loc"], root)
         key = str(err["loc"][-1])
         known = sorted(model.model_fields) if model else []
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -401,16 +474,22 @@ def _describe_error(err: dict) -> str:
     return f"{err['msg']}, {got}"
 
 
-def _format_validation_error(error: ValidationError, where: str, overrides: Dict[str, str]) -> ConfigError:
+def validation_error(error: ValidationError, where: str, overrides: Optional[Dict[str, str]] = None, *,
+                     root: Optional[type] = None, prefix: Sequence[str] = ()) -> ConfigError:
+    """The first error of a pydantic validation as one line: ``WHERE: dotted.key: what; expected what``.
+
+    ``root`` is the model validated (default :class:`Config`, for "did you mean" hints),
+    ``prefix`` the keys above it in the file, ``overrides`` ``{dotted key: "-o" text}``.
+    """
     err = error.errors()[0]
-    loc = [str(p) for p in err["loc"]]
-    message = _describe_error(err)
+    loc = [*prefix, *(str(p) for p in err["loc"])]
+    message = _describe_error(err, root)
     if err["type"] == "value_error" and re.match(r"^[a-z_.]+: ", message):
         # a model-level check names its own key relative to the section
         sub, _, message = message.partition(": ")
         loc = loc + sub.split(".")
     key = ".".join(loc)
-    for okey, otext in overrides.items():
+    for okey, otext in (overrides or {}).items():
         if key == okey or key.startswith(okey + "."):
             where = f"-o {otext}"
     return ConfigError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
@@ -447,7 +526,7 @@ def load_config(
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        raise _format_validation_error(error, where, applied) from None
+        raise validation_error(error, where, applied) from None
     missing = [s for s in require if getattr(config, s) is None]
     if missing:
         raise ConfigError(f"{where}: {missing[0]}: missing section; expected a '{missing[0]}:' mapping")

@@ -107,6 +107,21 @@ def run_demo(root: Path = REPO / "demo", *, tiny: bool = False, workers: int = 2
     return report
 
 
+def _num(value, spec: str = ".1f") -> str:
+    return "n/a" if value is None or not np.isfinite(value) else format(value, spec)
+
+
+def _pair(summary: dict, key: str) -> str:
+    return f"({_num(summary.get(f'mean_{key}_x_pm'))}, {_num(summary.get(f'mean_{key}_y_pm'))})"
+
+
+def _truth_pol() -> str:
+    from simulation.micrograph import SPECIMEN
+
+    b = SPECIMEN["polar_B_ang"]
+    return f"({100 * b[0]:.1f}, {100 * b[1]:.1f})"
+
+
 def _report(sim_cfg, train_cfg, summary, evaluation, table, rec, hspy, comparison, times, tiny) -> str:
     m = evaluation["metrics"]
     rows = "\n".join(f"| {k} | {v:.1f} s |" for k, v in times.items())
@@ -144,11 +159,16 @@ def _report(sim_cfg, train_cfg, summary, evaluation, table, rec, hspy, compariso
         "## The shipped micrograph",
         "",
         f"`demo/micrograph/haadf.hspy` + `abf.hspy`: {comparison['description']} "
-        f"Reconstruction: {rec.summary.get('columns', '?')} columns found; tilt estimate "
-        f"{rec.summary.get('tilt_deg', float('nan')):.1f}° ± {rec.summary.get('tilt_spread_deg', float('nan')):.1f}° "
-        f"(true {comparison['true_tilt_deg']:.0f}°); displacement RMSE at the true column sites "
-        f"{comparison['model_rmse_all_ang']:.4f} Å vs {comparison['zero_rmse_all_ang']:.4f} Å for the zero "
+        f"Reconstruction: {rec.summary.get('columns', '?')} columns found; displacement RMSE at the true column "
+        f"sites {comparison['model_rmse_all_ang']:.4f} Å vs {comparison['zero_rmse_all_ang']:.4f} Å for the zero "
         f"baseline (per component: {per}).",
+        "",
+        "| per cell | reconstruction | truth |",
+        "|---|---|---|",
+        f"| polarisation, network (pm) | {_pair(rec.summary, 'pol_net')} | {_truth_pol()} |",
+        f"| polarisation, Gaussian fit (pm) | {_pair(rec.summary, 'pol_fit')} | {_truth_pol()} |",
+        f"| tilt about z, mean abs (°) | {_num(rec.summary.get('tilt_deg'))} "
+        f"± {_num(rec.summary.get('tilt_spread_deg'))} | {comparison['true_tilt_deg']:.1f} |",
         "",
         f"![reconstruction]({png.relative_to(png.parents[1])})",
         "",

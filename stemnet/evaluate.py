@@ -3,7 +3,7 @@
 Metrics
 -------
 potential (V·Å): R² (1 − SSE/SST over every pixel of the split), PSNR (dB, peak = the
-truth's range), SSIM (``tf.image.ssim`` with that range, 3×3 window: maps are small).
+truth's range), SSIM (scikit-image's with that range, uniform 3×3 window: maps are small).
 
 displacement (Å), "at column sites": a label map holds Σ g_c·d_c (Gaussian g_c = 1 at
 column c's centre), so near a centre map / mask is the column's displacement. The RMSE
@@ -31,13 +31,14 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from stemnet.data.layout import COMPONENTS, DISPLACEMENT_CHANNELS, SUBLATTICES, displacement_channel
 from stemnet.errors import UserError
 from stemnet.log import get_logger
+from stemnet.reconstruct.peaks import find_peaks
 
 log = get_logger("evaluate")
-SUBLATTICES = ("A", "B", "O")
-COMPONENTS = ("dx", "dy", "dz")
 CENTRE = 0.5  # mask level that marks a column centre
+CENTROID_ITERATIONS = 20  # re-centring steps of the column-fit centroid (converges in ~5)
 
 
 # ------------------------------------------------------------------------- metrics
@@ -58,37 +59,45 @@ def psnr(truth: np.ndarray, pred: np.ndarray) -> float:
 
 
 def ssim(truth: np.ndarray, pred: np.ndarray) -> float:
-    """Mean SSIM of (N, H, W, 1) maps, data range = the truth's range, 3×3 window."""
-    import tensorflow as tf
+    """Mean SSIM of (N, H, W, C) maps: scikit-image's, per map and channel, then averaged.
 
-    truth = np.asarray(truth, np.float32)
-    value = tf.image.ssim(tf.constant(truth), tf.constant(np.asarray(pred, np.float32)),
-                         max_val=float(truth.max() - truth.min()), filter_size=3)
-    return float(tf.reduce_mean(value))
+    Data range = the truth's range over all maps; a uniform 3×3 window (the maps are
+    small) and population (co)variances, as in Wang et al. (2004).
+    """
+    from skimage.metrics import structural_similarity
+
+    truth = np.asarray(truth, np.float64)
+    pred = np.asarray(pred, np.float64)
+    data_range = float(truth.max() - truth.min())
+    values = [structural_similarity(truth[i, ..., c], pred[i, ..., c], data_range=data_range, win_size=3,
+                                    use_sample_covariance=False)
+              for i in range(truth.shape[0]) for c in range(truth.shape[-1])]
+    return float(np.mean(values))
 
 
 def column_rmse(truth: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
     """RMSE (Å) at column centres per sublattice/component; (N, H, W, 9) maps and mask."""
     out = {}
-    for s, sub in enumerate(SUBLATTICES):
-        for c, comp in enumerate(COMPONENTS):
-            ch = 3 * s + c
+    for sub in SUBLATTICES:
+        for comp in COMPONENTS:
+            ch = displacement_channel(sub, comp)
             m = mask[..., ch]
             sel = m >= CENTRE
             if not np.any(sel):
                 continue
             err = (pred[..., ch][sel] - truth[..., ch][sel]) / m[sel]
-            out[f"{sub}_{comp}"] = float(np.sqrt(np.mean(err**2)))
+            out[DISPLACEMENT_CHANNELS[ch]] = float(np.sqrt(np.mean(err**2)))
     return out
 
 
 def tilt_about_beam(disp: np.ndarray, mask: np.ndarray, a_ang: np.ndarray) -> np.ndarray:
     """Per-sample tilt about z (degrees) from O columns that are not B sites."""
-    o_mask = mask[..., 6]
-    b_mask = mask[..., 3]
+    o_dx, o_dy = displacement_channel("O", "dx"), displacement_channel("O", "dy")
+    o_mask = mask[..., o_dx]  # the mask of a channel is its sublattice's column weight
+    b_mask = mask[..., displacement_channel("B", "dx")]
     sel = (o_mask >= CENTRE) & (b_mask < 0.1)
-    dx = disp[..., 6] / np.maximum(o_mask, 1e-6)
-    dy = disp[..., 7] / np.maximum(o_mask, 1e-6)
+    dx = disp[..., o_dx] / np.maximum(o_mask, 1e-6)
+    dy = disp[..., o_dy] / np.maximum(o_mask, 1e-6)
     tilts = []
     for i in range(disp.shape[0]):
         s = sel[i]
@@ -121,7 +130,8 @@ def column_fit(images: np.ndarray, channel_names: List[str], mask: np.ndarray, r
 
     Each column's ideal site is the sub-pixel centre of its Gaussian in the truth mask
     (the mask-weighted centroid around a local maximum); its position on the image is the
-    background-subtracted intensity centroid within ``radius_px`` of the site, on the
+    background-subtracted intensity centroid in a disc of ``radius_px``, re-centred on
+    itself until it stops moving (:func:`_refined_centroid`), on the
     HAADF image for A and B and on the inverted ABF image for O; the difference is
     (dx, dy). As for the labels, displacements are then taken relative to the A
     sublattice (its mean shift is subtracted) and drawn back with the mask's Gaussians.
@@ -145,15 +155,12 @@ def column_fit(images: np.ndarray, channel_names: List[str], mask: np.ndarray, r
         for s in range(3):
             m = mask[i, :, :, 3 * s]
             image = abf[i] if s == 2 else haadf[i]
-            for (r, c) in _local_maxima(m):
+            for (r, c) in find_peaks(m, 1, CENTRE):  # column centres of the truth mask
                 near = (yy - r) ** 2 + (xx - c) ** 2 <= radius_px**2
                 y0, x0 = centroid(m, near)
-                near = (yy - y0) ** 2 + (xx - x0) ** 2 <= radius_px**2
-                weights = np.clip(image - image[near].min(), 0, None)
-                if weights[near].sum() <= 0:
-                    continue
-                y1, x1 = centroid(weights, near)
-                found.append((s, (y0, x0), (y1 - y0, x1 - x0)))
+                fit = _refined_centroid(image, y0, x0, radius_px, yy, xx)
+                if fit is not None:
+                    found.append((s, (y0, x0), (fit[0] - y0, fit[1] - x0)))
         a_shift = np.mean([d for s, _, d in found if s == 0], axis=0) if any(s == 0 for s, _, _ in found) else 0.0
         for s, (y0, x0), d in found:
             dy, dx = np.asarray(d) - a_shift
@@ -164,14 +171,24 @@ def column_fit(images: np.ndarray, channel_names: List[str], mask: np.ndarray, r
     return out
 
 
-def _local_maxima(m: np.ndarray, level: float = CENTRE) -> List[tuple]:
-    """(row, col) of pixels that are ≥ level and ≥ their 8 neighbours (column centres)."""
-    padded = np.pad(m, 1, constant_values=-np.inf)
-    centre = padded[1:-1, 1:-1]
-    neighbours = [padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
-                  for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-    peak = (centre >= level) & np.all([centre >= nb for nb in neighbours], axis=0)
-    return list(zip(*np.nonzero(peak)))
+def _refined_centroid(image, y: float, x: float, radius_px: float, yy, xx) -> Optional[tuple]:
+    """Background-subtracted intensity centroid (px) in a disc re-centred on it until it stops.
+
+    A single centroid in a disc that cuts a peak off is biased towards the disc's centre;
+    for a symmetric peak the re-centred one converges on the peak. None if the disc is flat.
+    """
+    for _ in range(CENTROID_ITERATIONS):
+        near = (yy - y) ** 2 + (xx - x) ** 2 <= radius_px**2
+        weights = np.clip(image[near] - image[near].min(), 0, None)
+        total = weights.sum()
+        if total <= 0:
+            return None
+        new_y, new_x = float(np.sum(weights * yy[near]) / total), float(np.sum(weights * xx[near]) / total)
+        moved = math.hypot(new_y - y, new_x - x)
+        y, x = new_y, new_x
+        if moved < 1e-4:
+            break
+    return y, x
 
 
 # ------------------------------------------------------------------------- driver
@@ -217,7 +234,7 @@ def evaluate(run_dir, data_dir, split: str = "test", *, batch_size: int = 16,
              plot: Optional[Path] = None) -> dict:
     """Metrics of the run's model and of the baselines on ``split`` of ``data_dir``."""
     from stemnet.data import Normalization, make_dataset
-    from stemnet.shards import read_manifest
+    from stemnet.shards import read_manifest, simulation_section
     from stemnet.train.run import load_run
 
     model, cfg, info, norm_dict = load_run(run_dir)
@@ -241,10 +258,13 @@ def evaluate(run_dir, data_dir, split: str = "test", *, batch_size: int = 16,
     means = _training_means(data_dir, info, norm, batch_size)
     results["mean"] = score(truth, {k: np.broadcast_to(v, truth[k].shape) for k, v in means.items()}, a_ang)
     if info["input_field"] == "stem" and "displacement" in truth:
-        channels = list(manifest.get("extra", {}).get("simulation", {}).get("stem", {}).get("detectors", {}))
+        sim = simulation_section(manifest)
+        channels = sim.detectors
         raw = norm.denormalize_inputs(inputs)
         fit = column_fit(raw, channels, truth["displacement_mask"])
-        fov = manifest["extra"]["simulation"]["fov_ang"]
+        fov = sim.fov_ang
+        if not fov:
+            raise UserError(f"{data_dir}/manifest.json: extra.simulation.fov_ang missing; expected the field of view in Å")
         fit *= fov / truth["displacement"].shape[2]  # pixels → Å
         results["column-fit"] = score(truth, {"displacement": fit}, a_ang)
     summary = {"run": str(run_dir), "data": str(data_dir), "split": split, "samples": n, "metrics": results}

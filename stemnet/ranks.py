@@ -6,14 +6,16 @@ import os
 import sys
 from typing import Mapping, NamedTuple
 
-# (rank variable, size variable) per launcher, in the order they are tried.
-LAUNCHER_VARIABLES = (
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # Open MPI, horovodrun with MPI
-    ("PMIX_RANK", "PMIX_SIZE"),  # PMIx launchers
-    ("JSM_NAMESPACE_RANK", "JSM_NAMESPACE_SIZE"),  # jsrun on LSF (Summit)
-    ("SLURM_PROCID", "SLURM_NTASKS"),  # srun on Slurm
-    ("HOROVOD_RANK", "HOROVOD_SIZE"),  # horovodrun --gloo
-)
+# (rank variable, size variable) per launcher, in the order they are tried; the one list
+# (stemnet.hpc renders job scripts from it too).
+RANK_VARIABLES = {
+    "mpirun": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # Open MPI, horovodrun with MPI
+    "pmix": ("PMIX_RANK", "PMIX_SIZE"),  # PMIx launchers
+    "jsrun": ("JSM_NAMESPACE_RANK", "JSM_NAMESPACE_SIZE"),  # jsrun on LSF (Summit)
+    "srun": ("SLURM_PROCID", "SLURM_NTASKS"),  # srun on Slurm
+    "horovodrun": ("HOROVOD_RANK", "HOROVOD_SIZE"),  # horovodrun --gloo
+}
+LAUNCHER_VARIABLES = tuple(RANK_VARIABLES.values())
 
 
 class RankInfo(NamedTuple):

@@ -26,27 +26,35 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from stemnet import shards as _shards
+from stemnet.atomic import write_json_atomic
 from stemnet.data import (
     DISPLACEMENT_CHANNELS,
-    _read_shard_header,
-    _shard_env,
+    SUBLATTICES,
     assign_shards,
-    close_shards,
     input_field,
     probe_grid,
 )
 from stemnet.errors import UserError
 from stemnet.log import get_logger
+from stemnet.reconstruct.peaks import find_peaks
 from stemnet.shards import (
     MANIFEST_NAME,
     SPLITS,
     ShardError,
     ShardReader,
-    decode_record,
+    close_shards,
     header_fields,
+    is_shard_name,
+    key_text,
+    read_header,
     read_manifest,
+    reading,
+    record_keys,
+    record_layout,
+    shared_env,
+    simulation_section,
     verify_dataset,
+    verify_shard,
 )
 
 log = get_logger("stage")
@@ -157,7 +165,7 @@ def stage(path, dest, *, rank: int = 0, world: int = 1, splits: Sequence[str] = 
     staged = dict(manifest)
     staged["staged"] = {"source": str(src.resolve()), "rank": int(rank), "world": int(world),
                         "splits": list(splits), "shards": todo}
-    _shards._write_json_atomic(dest / MANIFEST_NAME, staged)
+    write_json_atomic(dest / MANIFEST_NAME, staged)
     seconds = time.perf_counter() - start
     log.info("staged %d shards (%.1f MiB copied, %.1f MiB/s) for rank %d of %d into %s",
              len(todo), copied / 2**20, copied / 2**20 / max(seconds, 1e-9), rank, world, dest)
@@ -167,7 +175,7 @@ def stage(path, dest, *, rank: int = 0, world: int = 1, splits: Sequence[str] = 
 def _verify_copy(path: Path, manifest: dict) -> List[str]:
     """Every record's CRC and the header against the manifest (one line per fault)."""
     close_shards(path.parent)
-    return _shards._verify_shard(path, manifest, {})
+    return verify_shard(path, manifest)
 
 
 def _remove_stale(dest: Path, keep: set) -> None:
@@ -176,7 +184,7 @@ def _remove_stale(dest: Path, keep: set) -> None:
         if not folder.is_dir():
             continue
         for file in folder.iterdir():
-            if _shards.SHARD_PATTERN.match(file.name) and f"{split}/{file.name}" not in keep:
+            if is_shard_name(file.name) and f"{split}/{file.name}" not in keep:
                 file.unlink()
 
 
@@ -196,8 +204,8 @@ def _stats_line(name: str, stats: dict) -> List[str]:
     count = len(channels.get("mean", []))
     if 1 < count <= 12:
         labels = list(DISPLACEMENT_CHANNELS) if name == "displacement" and count == 9 else None
-        if name == "columns" and count == 3:
-            labels = ["A", "B", "O"]
+        if name == "columns" and count == len(SUBLATTICES):
+            labels = list(SUBLATTICES)
         for c in range(count):
             label = labels[c] if labels else f"[{c}]"
             lines.append(f"    {label:<10} mean {_fmt(channels['mean'][c])}  std {_fmt(channels['std'][c])}  "
@@ -209,22 +217,19 @@ def _stats_line(name: str, stats: dict) -> List[str]:
 
 
 def _simulation_digest(manifest: dict) -> List[str]:
-    sim = (manifest.get("extra") or {}).get("simulation")
-    if not sim:
+    sim = simulation_section(manifest)
+    if not sim.present:
         return ["simulation: (no simulation config in the manifest)"]
-    micro = sim.get("microscope") or {}
-    spec = sim.get("specimen") or {}
-    dist = sim.get("distortion") or {}
-    line = [f"mode {sim.get('mode')}", f"seed {sim.get('seed')}", f"{sim.get('num_samples')} samples",
-            f"materials {spec.get('materials')}", f"output {sim.get('output_shape')}",
-            f"fov {sim.get('fov_ang')} Å", f"sampling {sim.get('sampling_ang')} Å"]
-    if sim.get("mode") == "cbed":
-        cbed = sim.get("cbed") or {}
-        line.append(f"grid {cbed.get('grid')} k {cbed.get('k')} ±{cbed.get('max_angle_mrad')} mrad")
+    line = [f"mode {sim.mode}", f"seed {sim.seed}", f"{sim.num_samples} samples",
+            f"materials {sim.specimen.materials}", f"output {sim.output_shape}",
+            f"fov {sim.fov_ang} Å", f"sampling {sim.sampling_ang} Å"]
+    if sim.mode == "cbed":
+        cbed = sim.cbed
+        line.append(f"grid {list(cbed.grid) if cbed.grid else None} k {cbed.k} ±{cbed.max_angle_mrad} mrad")
     else:
-        line.append(f"detectors {list((sim.get('stem') or {}).get('detectors', {}))}")
-    line += [f"{micro.get('energy_ev')} eV", f"{micro.get('convergence_mrad')} mrad",
-             f"glazer {dist.get('glazer')}", f"dose {sim.get('noise_dose_e_per_ang2')}"]
+        line.append(f"detectors {sim.detectors}")
+    line += [f"{sim.microscope.energy_ev} eV", f"{sim.microscope.convergence_mrad} mrad",
+             f"glazer {sim.distortion.glazer}", f"dose {sim.noise_dose_e_per_ang2}"]
     return ["simulation: " + ", ".join(str(x) for x in line)]
 
 
@@ -293,7 +298,7 @@ def _check(root: Path, manifest: dict, verify: bool) -> List[str]:
                 continue
             file = root / shard["path"]
             if verify:
-                faults += _shards._verify_shard(file, manifest, owner)
+                faults += verify_shard(file, manifest, owner)
                 continue
             try:
                 with ShardReader(file, verify=False, manifest=manifest):
@@ -312,29 +317,17 @@ def _read_samples(root: Path, manifest: dict, n: int, split: Optional[str]):
             file = root / entry["path"]
             if not entry["count"] or not file.is_file():
                 continue
-            env = _shard_env(file)
-            header = _read_shard_header(env, file)
-            with env.begin() as txn:
-                for key, raw in txn.cursor():
-                    if key.startswith(b"__"):
-                        continue
-                    sample = decode_record(header, bytes(raw), True, f"{file}:{bytes(key).decode()}")
+            env = shared_env(file)
+            with reading(env, file) as txn:
+                layout = record_layout(read_header(txn, file))
+                for key in record_keys(txn):
+                    sample = layout.decode(bytes(txn.get(key)), True, f"{file}:{key_text(key)}")
                     out.append((f"{name} #{int(key)}", {k: np.array(v) for k, v in sample.items()}))
                     if len(out) >= n:
                         return out
     if not out:
         raise UserError(f"{root}: no samples to plot")
     return out
-
-
-def _column_sites(weight: np.ndarray, threshold: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of local maxima of a column-weight map above ``threshold``."""
-    padded = np.pad(weight, 1, mode="wrap")
-    h, w = weight.shape
-    neighbours = np.stack([padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-                           for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
-    peak = (weight >= neighbours.max(axis=0)) & (weight > threshold)
-    return np.nonzero(peak)
 
 
 def plot_samples(path, png, n: int = 3, split: Optional[str] = None) -> Path:
@@ -386,7 +379,7 @@ def plot_samples(path, png, n: int = 3, split: Optional[str] = None) -> Path:
             a.imshow(background, cmap="gray", interpolation="nearest")
             d = sample["displacement"]
             weight = sample["columns"][1] if "columns" in sample else np.abs(d[3:5]).sum(axis=0)
-            rows, cols_ = _column_sites(weight)
+            rows, cols_ = find_peaks(weight, 1, 0.5, wrap=True).T  # column centres (periodic map)
             u, v = d[3][rows, cols_], d[4][rows, cols_]
             largest = float(np.hypot(u, v).max()) if len(u) else 0.0
             if largest > 0:

@@ -46,6 +46,9 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, tiny_config):
     """A real abTEM-simulated dataset (configs/simulation/tiny.yaml), read-only for tests."""
+    reuse = os.environ.get("STEMNET_TEST_TINY_DATASET")  # tools/mutate.py: made once by the unmutated code
+    if reuse:
+        return Path(reuse)
     from simulation.generator import generate
 
     out = tmp_path_factory.mktemp("tiny") / "data"

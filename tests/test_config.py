@@ -127,9 +127,15 @@ def test_unknown_material_in_specimen(tmp_path):
 def test_every_shipped_config_validates(path):
     """Every config in configs/ loads; simulation/training/model files have their section and a comment."""
     if path.parent.name == "machines":
-        from stemnet.jobs import load_machine
+        from stemnet.hpc.machines import load_profile
 
-        assert load_machine(path.stem).name
+        profile = load_profile(path.stem)  # both sections, validated
+        assert profile.machine.name == path.stem and profile.network.gpus_per_node >= 1
+        return
+    if path.parent.name == "scaling":
+        from stemnet.distributed.validate import load_point
+
+        assert load_point(path).sources  # a published scaling point, every input with a source
         return
     section = {"simulation": "simulation", "training": "train", "model": "model"}[path.parent.name]
     cfg = load_config(path, require=(section,))

@@ -14,7 +14,6 @@ from stemnet.data import (
     Normalization,
     assign_shards,
     augment_sample,
-    bench_data,
     close_shards,
     corrupt_count,
     d4_array,
@@ -23,6 +22,7 @@ from stemnet.data import (
     plan_split,
     user_error,
 )
+from stemnet.bench.data import bench_data
 from stemnet.errors import UserError
 from stemnet.shards import (
     FieldSpec,
@@ -396,6 +396,10 @@ def test_bench_data_reports_rates_on_the_same_samples(tmp_path):
         result["pipeline_samples_per_s"] / result["raw_lmdb_samples_per_s"])
     assert "ratio_vs_train_step" not in result and "cold" not in result
     assert result["ceiling_samples_per_s"] > 0
+    assert result["ratio_vs_necessary_work"] == pytest.approx(
+        result["pipeline_samples_per_s"] / result["necessary_work_samples_per_s"])
+    assert result["checksum_backend"] == "isal" and result["checksum_gb_per_s"] > 0
+    assert result["checksum_zlib_gb_per_s"] > 0
     with_train = bench_data(root, batch_size=4, batches=2, train_step_rate=100.0, tmpdir=tmp_path, cold=True)
     assert with_train["ratio_vs_train_step"] == pytest.approx(with_train["pipeline_samples_per_s"] / 100.0)
     cold = with_train["cold"]
@@ -454,3 +458,23 @@ def test_rectangular_probe_grid_gets_flips_only(tmp_path):
                 used.add(found[0])
         assert len(used) == 4
         close_shards()
+
+
+def test_necessary_work_floor_checks_every_record(tmp_path):
+    """The numpy floor of ``bench data`` really checks what the pipeline checks: a
+    record with a flipped payload byte fails its CRC there too; its copies are
+    channels-last."""
+    from stemnet.bench.data import _time_necessary
+    from stemnet.data import dataset_loader
+    from stemnet.shards import sample_key
+
+    root = build(tmp_path / "d", counts=(4,))
+    loader = dataset_loader(make_dataset(root, batch_size=2))
+    shard_of = np.zeros(4, np.int32)
+    keys = [sample_key(i) for i in range(4)]
+    assert _time_necessary(loader, shard_of, keys) > 0
+    close_shards()
+    poke(root / "train/shard-00000.lmdb", 2, lambda raw: raw[:-1] + bytes([raw[-1] ^ 1]))
+    loader = dataset_loader(make_dataset(root, batch_size=2))
+    with pytest.raises(ShardError, match="CRC mismatch"):
+        _time_necessary(loader, shard_of, keys)

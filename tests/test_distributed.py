@@ -21,42 +21,101 @@ pytestmark = pytest.mark.horovod
 
 
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
-    """One step on 2 ranks (batch 4 each) = one step of one process on the batch of 8."""
+    """Two steps on 2 ranks (batch 4 each) = two steps of one process on the batches of 8:
+    the same loss at every step and the same final weights, which moved from the initial ones."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     script = str(HERE / "scripts" / "one_step.py")
     single = subprocess.run([sys.executable, script, str(one), *STRATEGIES], capture_output=True, text=True,
-                            timeout=300)
+                            timeout=900)
     assert single.returncode == 0, single.stderr[-3000:]
     multi = subprocess.run(HOROVODRUN + [sys.executable, script, str(two), *STRATEGIES], capture_output=True,
-                           text=True, timeout=400)
+                           text=True, timeout=900)
     assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
     groups = dict(line.split()[1:3] for line in multi.stdout.splitlines() if "STEP " in line)
     assert int(groups["graph"].split("=")[1]) > 1 and int(groups["layer"].split("=")[1]) > 3
     for strategy in STRATEGIES:
         name = strategy.replace(":", "_") + ".npz"
         a, b = np.load(one / name), np.load(two / name)
-        assert len(a.files) == len(b.files) > 10
-        for key in a.files:
-            ref, got = a[key], b[key]
+        finals = [k for k in a.files if k.startswith("final_")]
+        assert sorted(a.files) == sorted(b.files) and len(finals) > 10
+        # the loss of every step, 2 ranks (the global batch's mean) vs 1 process
+        np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-5, err_msg=strategy)
+        assert len(set(np.round(a["losses"], 6))) == 2  # two different batches, two losses
+        moved = 0.0
+        for key in finals:
+            ref, got, init = a[key], b[key], a["init_" + key[6:]]
+            np.testing.assert_array_equal(b["init_" + key[6:]], init)
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(),
                                        err_msg=f"{strategy}: variable {key}")
-    # the step really moved the weights (a test that cannot pass by doing nothing)
-    start = np.load(one / "none.npz")
-    assert any(np.abs(start[k]).max() > 0 for k in start.files)
+            moved = max(moved, float(np.abs(ref - init).max() / (np.abs(init).max() + 1e-12)))
+        assert moved > 1e-3, strategy  # the steps really changed the weights (the same on both sides)
 
 
-def _train(run, data, *extra, timeout=400):
+def _weights(npz, prefix):
+    return [npz[k] for k in sorted((k for k in npz.files if k.startswith(prefix)), key=lambda k: int(k.split("_")[1]))]
+
+
+@pytest.mark.parametrize("mode", ["uneven", "allpad"])
+def test_padding_on_two_ranks_equals_one_process_on_the_real_samples(tmp_path, mode):
+    """Rank 1 holds 2 real samples + 2 weight-0 rows (uneven) or only weight-0 rows (allpad):
+    the steps equal one process on the real samples alone, i.e. the gradient is that of the
+    mean over the real samples of the global batch."""
+    script = str(HERE / "scripts" / "padded_step.py")
+    single = subprocess.run([sys.executable, script, str(tmp_path), mode], capture_output=True, text=True,
+                            timeout=900)
+    assert single.returncode == 0, single.stderr[-3000:]
+    (tmp_path / f"{mode}-rank0.npz").rename(tmp_path / "single.npz")
+    multi = subprocess.run(HOROVODRUN + [sys.executable, script, str(tmp_path), mode], capture_output=True,
+                           text=True, timeout=900)
+    assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+    ref = np.load(tmp_path / "single.npz")
+    for rank in (0, 1):
+        got = np.load(tmp_path / f"{mode}-rank{rank}.npz")
+        assert int(got["skipped"]) == 0
+        np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-5)
+        for w_ref, w_got, w0 in zip(_weights(ref, "final_"), _weights(got, "final_"), _weights(ref, "init_")):
+            scale = np.abs(w_ref - w0).max()
+            assert scale > 0
+            np.testing.assert_allclose(w_got, w_ref, rtol=0, atol=1e-4 * scale + 1e-7)
+
+
+def test_nan_input_on_one_rank_skips_the_step_on_both(tmp_path):
+    script = str(HERE / "scripts" / "padded_step.py")
+    multi = subprocess.run(HOROVODRUN + [sys.executable, script, str(tmp_path), "nan"], capture_output=True,
+                           text=True, timeout=900)
+    assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+    ranks = [np.load(tmp_path / f"nan-rank{r}.npz") for r in (0, 1)]
+    for got in ranks:
+        assert int(got["skipped"]) == 1
+        for w_first, w0 in zip(_weights(got, "first_"), _weights(got, "init_")):
+            np.testing.assert_array_equal(w_first, w0)  # the NaN step changed nothing
+        assert np.isfinite(got["losses"][1])
+        assert any(np.abs(f - w0).max() > 0 for f, w0 in zip(_weights(got, "final_"), _weights(got, "init_")))
+    for a, b in zip(_weights(ranks[0], "final_"), _weights(ranks[1], "final_")):
+        np.testing.assert_array_equal(a, b)  # and the ranks stayed in step
+
+
+def _train(run, data, *extra, timeout=900):
     return subprocess.run(HOROVODRUN + STEMNET + ["train", "--config", str(TINY_TRAINING), "--data", str(data),
                                                   "--out", str(run), "--no-progress", *extra],
                           capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_rank_training_resumes_and_only_rank0_writes(tiny_dataset, tmp_path):
+    from stemnet.train.record import read_record
+
     run = tmp_path / "run"
-    first = _train(run, tiny_dataset, "-o", "train.steps=4", "-o", "train.checkpoint_every=2")
+    first = _train(run, tiny_dataset, "-o", "train.steps=4", "-o", "train.checkpoint_every=2",
+                   "-o", "train.record_batches=true")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "trained to step 4/4 on 2 rank(s)" in first.stdout
+    # learning rate x world size: tiny.yaml's 0.003, 2 warm-up steps, cosine over 4 steps, on 2 ranks
+    for rank in (0, 1):
+        lrs = [line["lr"] for _, line in sorted(read_record(run, rank).items())]
+        np.testing.assert_allclose(lrs, [0.003, 0.006, 0.006, 0.003], rtol=1e-6)
+    seen = [set(line["index"]) for r in (0, 1) for line in read_record(run, r).values()]
+    assert not seen[0] & seen[4]  # the two ranks read different samples
     assert first.stdout.count("trained to step") == 1  # rank 1 prints no summary
     assert len(list((run / "tensorboard").glob("events.*"))) == 1
     assert sorted(p.name for p in (run / "checkpoints").glob("*.index")) == ["ckpt-2.index", "ckpt-4.index"]
@@ -96,14 +155,13 @@ def test_killed_rank_ends_the_job_with_an_error(tiny_dataset, tmp_path):
     assert victims, "rank 1 not found"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
-    killed_at = time.monotonic()
     try:
-        output, _ = proc.communicate(timeout=120)
+        output, _ = proc.communicate(timeout=600)  # a guard against a hang, not a speed test
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
-    assert time.monotonic() - killed_at < 120
+    assert not _rank_pids(0) and not _rank_pids(1)  # the job ended: no rank is left running
     assert "exit code" in output.lower() or "error" in output.lower(), output[-2000:]
     import tensorflow as tf
 

@@ -1,18 +1,22 @@
 """Batch jobs (``stemnet submit``): profiles, rendered scripts, submission, bad input.
 
-No scheduler can run here, so ``bsub``, ``sbatch``, ``jsrun``, ``srun``, ``horovodrun``,
-``module`` and ``stemnet`` itself are stand-ins: small shell scripts written into
-``tmp_path`` and put first on PATH. The submit stand-ins record their arguments and
-standard input and answer as LSF / Slurm do (``Job <12345> is submitted to queue
-<batch>.`` / ``Submitted batch job 12345``, the id counting up per call). The launcher
-stand-ins start every rank locally with the launcher's rank variables set, so the
-rendered scripts are run for real, step by step, against them. No real Slurm or LSF.
+LSF cannot run here (it has no free equivalent), and Summit/Frontier-shaped Slurm jobs
+need their nodes, so ``bsub``, ``sbatch``, ``jsrun``, ``srun``, ``horovodrun`` and
+``module`` are stand-ins: small shell scripts written into ``tmp_path`` and put first on
+PATH. The submit stand-ins record their arguments and standard input and answer as LSF /
+Slurm do (``Job <12345> is submitted to queue <batch>.`` / ``Submitted batch job 12345``,
+the id counting up per call). The launcher stand-ins start every rank locally with the
+launcher's rank variables set, and the ``stemnet`` lines of the rendered scripts run the
+real CLI on tiny data inside them. A real Slurm cluster runs in test_slurm.py.
 """
 
+import json
 import os
+import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +25,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from stemnet import jobs
+from stemnet.hpc import machines, render
+from stemnet.hpc import submit as jobs
+from stemnet.ranks import RANK_VARIABLES
 from stemnet.config import load_config
 from stemnet.errors import UserError
 
@@ -98,7 +104,7 @@ def launcher_options(script: str, launcher: str, marker: str) -> dict:
 
 def profile_copy(tmp_path, name, **changes) -> Path:
     """configs/machines/{name}.yaml with ``changes`` to its machine section, in tmp_path."""
-    data = yaml.safe_load((jobs.MACHINES_DIR / f"{name}.yaml").read_text())
+    data = yaml.safe_load((machines.MACHINES_DIR / f"{name}.yaml").read_text())
     data["machine"].update(changes)
     path = tmp_path / f"{name}-test.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -106,15 +112,15 @@ def profile_copy(tmp_path, name, **changes) -> Path:
 
 
 # ----------------------------------------------------------------------------- profiles
-@pytest.mark.parametrize("name", ["summit", "frontier", "perlmutter", "local"])
+@pytest.mark.parametrize("name", ["summit", "frontier", "perlmutter", "local", "localslurm"])
 def test_profiles_validate(name):
-    m = jobs.load_machine(name)
+    m = machines.load_machine(name)
     assert m.name == name
     assert m.ranks_per_node * m.cores_per_rank <= m.cores_per_node
 
 
 def test_profile_facts():
-    summit, frontier, perlmutter = (jobs.load_machine(n) for n in ("summit", "frontier", "perlmutter"))
+    summit, frontier, perlmutter = (machines.load_machine(n) for n in ("summit", "frontier", "perlmutter"))
     assert (summit.scheduler, summit.launcher, summit.gpus_per_node, summit.cores_per_node) == ("lsf", "jsrun", 6, 42)
     assert (summit.max_nodes, summit.max_walltime, summit.alloc_flags) == (4608, "24:00", "nvme smt4")
     assert summit.walltime_limit(4608) == 24 * 60 and summit.walltime_limit(2) == 120
@@ -126,15 +132,15 @@ def test_profile_facts():
 def test_profile_extra_key_is_one_line_error(tmp_path):
     path = profile_copy(tmp_path, "summit", gpus_per_nod=6)
     with pytest.raises(UserError, match=r"summit-test.yaml: machine.gpus_per_nod: unknown key") as err:
-        jobs.load_machine(path)
+        machines.load_machine(path)
     assert "\n" not in str(err.value)
 
 
 def test_profile_inconsistent_geometry(tmp_path):
     with pytest.raises(UserError, match=r"6 ranks x 8 cores = 48 is more than cores_per_node 42"):
-        jobs.load_machine(profile_copy(tmp_path, "summit", cores_per_rank=8))
+        machines.load_machine(profile_copy(tmp_path, "summit", cores_per_rank=8))
     with pytest.raises(UserError, match=r"launcher: 'srun' does not go with scheduler 'lsf'"):
-        jobs.load_machine(profile_copy(tmp_path, "summit", launcher="srun"))
+        machines.load_machine(profile_copy(tmp_path, "summit", launcher="srun"))
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -187,6 +193,8 @@ def test_slurm_srun_geometry(tmp_path, dataset, machine, nodes, expected):
     assert launcher_options(sub.text, "srun", "stemnet train") == expected
     assert f"#SBATCH -N {nodes}\n" in sub.text and f"#SBATCH -t {walltime}:00\n" in sub.text
     assert "#SBATCH -A MAT123\n" in sub.text and "#SBATCH --signal=USR2@600\n" in sub.text
+    per_node, cpus = expected["--ntasks-per-node"], expected["-c"]  # the allocation holds the srun geometry
+    assert f"#SBATCH --ntasks-per-node={per_node}\n" in sub.text and f"#SBATCH --cpus-per-task={cpus}\n" in sub.text
     if machine == "frontier":
         assert "#SBATCH -C nvme\n" in sub.text and "stemnet stage" in sub.text
     else:
@@ -272,7 +280,7 @@ def test_submit_command_through_click(tmp_path, dataset, fake_bin):
 
 # ------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("change,message", [
-    ({"machine": "sumit"}, r"--machine sumit: unknown machine; expected one of frontier, local, perlmutter, summit"),
+    ({"machine": "sumit"}, r"--machine sumit: unknown machine; expected one of frontier, local, localslurm, perlmutter, summit"),
     ({"nodes": 0}, r"--nodes 0: expected a positive number of nodes"),
     ({"nodes": -3}, r"--nodes -3: expected a positive number of nodes"),
     ({"nodes": 5000}, r"--nodes 5000: summit has at most 4608 node\(s\)"),
@@ -358,18 +366,18 @@ def test_parse_job_id():
 
 
 # ------------------------------------------------------- running the scripts (stand-ins)
+# The `stemnet` on PATH logs its call and execs the real CLI (this checkout, this Python):
+# every rendered `stemnet` line is parsed and run for real, on tiny data, so an option the
+# CLI does not know fails the test. Only the launchers are stand-ins (no LSF here; the real
+# Slurm runs in test_slurm.py). Training runs one rank: without horovodrun the ranks a
+# stand-in launcher starts could not form one Horovod job.
 FAKE_STEMNET = """
 rank=${JSM_NAMESPACE_RANK:-${SLURM_PROCID:-${HOROVOD_RANK:-}}}
 echo "stemnet $* [rank=$rank]" >> "$FAKE_LOG"
-if [ "$1" = train ]; then
-  if [ -n "${STEMNET_LOCAL_OUT:-}" ]; then mkdir -p "$STEMNET_LOCAL_OUT" && echo "$rank" > "$STEMNET_LOCAL_OUT/rank-$rank.txt"; fi
-  if [ -n "${FAKE_WAIT_SIGNAL:-}" ]; then
-    trap 'echo "train rank $rank: USR2, checkpoint saved" >> "$FAKE_LOG"; exit 0' USR2
-    touch "$FAKE_LOG.started.$rank"
-    for i in $(seq 300); do sleep 0.1; done
-    exit 3
-  fi
+if [ "$1" = train ] && [ -n "${STEMNET_LOCAL_OUT:-}" ]; then  # a node-local output for the copy-back step
+  mkdir -p "$STEMNET_LOCAL_OUT" && echo "$rank" > "$STEMNET_LOCAL_OUT/rank-$rank.txt"
 fi
+exec "$STEMNET_PYTHON" -m stemnet.cli "$@"
 """
 
 # jsrun/srun/horovodrun stand-in: every rank runs locally with the launcher's variables set;
@@ -405,85 +413,106 @@ def stand_ins(tmp_path):
     bin_dir.mkdir()
     write_exe(bin_dir / "stemnet", FAKE_STEMNET)
     write_exe(bin_dir / "module", 'echo "module $*" >> "$FAKE_LOG"\n')
-    for launcher, (rank, size) in jobs.RANK_VARIABLES.items():
+    for launcher in ("jsrun", "srun", "mpirun", "horovodrun"):
+        rank, size = RANK_VARIABLES[launcher]
         write_exe(bin_dir / launcher, FAKE_LAUNCHER.replace("{rank}", rank).replace("{size}", size))
     log = tmp_path / "fake.log"
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(log), "USER": "tester", "HOME": str(tmp_path)}
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(log), "USER": "tester", "HOME": str(tmp_path),
+           "STEMNET_PYTHON": sys.executable, "PYTHONPATH": pythonpath, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return env, log
 
 
-def test_lsf_training_script_runs_every_step(tmp_path, dataset, stand_ins):
+def verify(dataset: Path) -> None:
+    from stemnet.shards import verify_dataset
+
+    assert verify_dataset(dataset) == []  # every record's CRC, every header against the manifest
+
+
+def test_lsf_training_script_runs_every_step(tmp_path, tiny_dataset, stand_ins):
     env, log = stand_ins
-    profile = profile_copy(tmp_path, "summit", activate="", staging_path=str(tmp_path / "bb"))
-    sub = jobs.submit("train", **train_job(dataset, tmp_path / "run", machine=profile, nodes=1), dry_run=True)
+    profile = profile_copy(tmp_path, "summit", activate="", staging_path=str(tmp_path / "bb"), ranks_per_node=1)
+    sub = jobs.submit("train", **train_job(tiny_dataset, tmp_path / "run", machine=profile, nodes=1), dry_run=True)
     done = subprocess.run(["bash", str(sub.script)], env={**env, "LSB_JOBID": "777"},
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
     assert calls[:3] == ["module load gcc", "module load cuda", "module load spectrum-mpi"]
     stage, run = tmp_path / "bb" / "stemnet-777", tmp_path / "run"
-    for r in range(6):
-        assert (f"stemnet stage {dataset} --to {stage}/rank{r} --rank {r} --world 6 [rank={r}]") in calls
-        assert (f"stemnet train --config {sub.script.with_suffix('.yaml')} --data {stage}/rank{r} "
-                f"--out {run} --no-progress [rank={r}]") in calls
-    # staging before training; node-local outputs copied back to the run folder
+    assert f"stemnet stage {tiny_dataset} --to {stage}/rank0 --rank 0 --world 1 [rank=0]" in calls
+    assert (f"stemnet train --config {sub.script.with_suffix('.yaml')} --data {stage}/rank0 "
+            f"--out {run} --no-progress [rank=0]") in calls
+    # staging before training, both for real: the staged copy verifies, the run finished
     assert max(i for i, c in enumerate(calls) if "stage" in c) < min(i for i, c in enumerate(calls) if " train " in c)
+    verify(stage / "rank0")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == load_config(TRAINING).train.steps
+    # node-local outputs copied back to the run folder
     host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
-    assert sorted(p.name for p in (run / "node-out" / host).iterdir()) == [f"rank-{r}.txt" for r in range(6)]
+    assert sorted(p.name for p in (run / "node-out" / host).iterdir()) == ["rank-0.txt"]
 
 
-def test_lsf_training_script_forwards_usr2(tmp_path, dataset, stand_ins):
-    """The walltime warning (SIGUSR2 to the batch shell) reaches every rank; the job ends cleanly."""
+def test_lsf_training_script_forwards_usr2(tmp_path, tiny_dataset, stand_ins):
+    """The walltime warning (SIGUSR2 to the batch shell) reaches the training rank, which
+    checkpoints and stops; the job's status says it was interrupted (128 + 12)."""
     env, log = stand_ins
-    profile = profile_copy(tmp_path, "summit", activate="", staging_path=str(tmp_path / "bb"))
-    sub = jobs.submit("train", **train_job(dataset, tmp_path / "run", machine=profile, nodes=1), dry_run=True)
-    proc = subprocess.Popen(["bash", str(sub.script)], env={**env, "LSB_JOBID": "778", "FAKE_WAIT_SIGNAL": "1"},
+    profile = profile_copy(tmp_path, "summit", activate="", staging_path=str(tmp_path / "bb"), ranks_per_node=1)
+    run = tmp_path / "run"
+    sub = jobs.submit("train", **train_job(tiny_dataset, run, machine=profile, nodes=1), dry_run=True,
+                      overrides=["train.steps=100000", "train.checkpoint_every=5", "train.val_every=100000"])
+    proc = subprocess.Popen(["bash", str(sub.script)], env={**env, "LSB_JOBID": "778"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 20
-        while not all(Path(f"{log}.started.{r}").exists() for r in range(6)):
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
-            time.sleep(0.05)
+        # the first periodic checkpoint: the trainer's signal handler is installed by then
+        while not any((run / "checkpoints").glob("ckpt-*.index")):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
         os.kill(proc.pid, signal.SIGUSR2)  # the batch shell only, as LSF's -wa would
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=600)  # a hang guard, not a speed target
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err
-    assert "every rank checkpoints and stops" in err
-    text = log.read_text()
-    assert all(f"train rank {r}: USR2, checkpoint saved" in text for r in range(6))
+    assert proc.returncode == 128 + signal.SIGUSR2, err
+    assert "every rank checkpoints and stops" in err and "launcher: USR2" in log.read_text()
+    step = int(re.search(r"signal 12: checkpoint written at step (\d+)", err).group(1))
+    assert (run / "checkpoints" / f"ckpt-{step}.index").is_file() and 5 <= step < 100000
 
 
 def test_slurm_simulation_script_runs_and_finalizes(tmp_path, stand_ins):
     env, log = stand_ins
-    profile = profile_copy(tmp_path, "frontier", activate="")
+    profile = profile_copy(tmp_path, "frontier", activate="", ranks_per_node=1)
     sub = jobs.submit("simulate", machine=profile, nodes=2, walltime="01:00", project="MAT123",
                       config=SIMULATION, out=tmp_path / "ds", dry_run=True)
     done = subprocess.run(["bash", str(sub.script)], env={**env, "SLURM_JOB_ID": "55"},
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
     cfg, ds = sub.script.with_suffix(".yaml"), tmp_path / "ds"
     ranks = [c for c in calls if c.startswith("stemnet simulate --config")]
     assert sorted(ranks) == sorted(f"stemnet simulate --config {cfg} --out {ds} --no-progress --wait 0 [rank={r}]"
-                                   for r in range(16))
+                                   for r in range(2))
     assert calls[-1] == f"stemnet simulate --finalize {ds} --config {cfg} [rank=]"  # once, after all ranks
     assert "module load rocm" in calls
+    verify(ds)  # both ranks' shards and the manifest, for real
+    shards = sorted(p.name for p in (ds / "train").glob("shard-*.lmdb"))
+    assert len(shards) == 2, shards  # one per rank
 
 
 def test_local_chain_runs_in_the_foreground(tmp_path, stand_ins, monkeypatch):
     env, log = stand_ins
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    profile = profile_copy(tmp_path, "local", activate="")
+    profile = profile_copy(tmp_path, "local", activate="", ranks_per_node=1, cores_per_rank=2)
     sub = jobs.submit("simulate", machine=profile, nodes=1, walltime=None, project=None,
                       config=SIMULATION, out=tmp_path / "ds", chain=2)
     assert sub.job_ids == ["local-1", "local-2"]
     calls = log.read_text().splitlines()
-    assert calls.count("horovodrun -np 2 -H localhost:2 --gloo stemnet simulate --config "
+    assert calls.count("horovodrun -np 1 -H localhost:1 --gloo stemnet simulate --config "
                        f"{sub.script.with_suffix('.yaml')} --out {tmp_path / 'ds'} --no-progress --wait 0") == 2
     assert sum("--finalize" in c for c in calls) == 2
+    verify(tmp_path / "ds")
+    second = (sub.script.parent / f"simulate.local-{sub.script.stem}-2.out").read_text()
+    assert "simulated 0 new of" in second  # job 2 found job 1's samples: it resumed, nothing redone
     with pytest.raises(UserError, match=r"--nodes 2: local has at most 1 node"):
         jobs.submit("simulate", machine=profile, nodes=2, walltime=None, project=None,
                     config=SIMULATION, out=tmp_path / "ds")
@@ -495,6 +524,22 @@ def test_out_path_unusable_in_directives(tmp_path, dataset):
 
 
 def test_activation_needs_a_virtual_environment(tmp_path, dataset, monkeypatch):
-    monkeypatch.setattr(jobs.sys, "prefix", str(tmp_path / "not-a-venv"))
+    monkeypatch.setattr(render.sys, "prefix", str(tmp_path / "not-a-venv"))
     with pytest.raises(UserError, match=r"--machine summit: its activate line uses \{venv\}, but .*not-a-venv"):
         jobs.submit("train", **train_job(dataset, tmp_path / "run"), dry_run=True)
+
+
+@pytest.mark.parametrize("machine,backend", [("frontier", "mwms"), ("perlmutter", "mwms"), ("summit", "auto")])
+def test_machine_profile_chooses_the_training_backend(tmp_path, dataset, machine, backend):
+    """Frontier/Perlmutter profiles say `backend: mwms`: the frozen config trains on MWMS and
+    the script sets no Horovod variables; Summit keeps the install's default (Horovod)."""
+    sub = jobs.submit("train", **train_job(dataset, tmp_path / "run", machine=machine), dry_run=True)
+    frozen = load_config(sub.script.with_suffix(".yaml"), require=("model", "train"))
+    assert frozen.distributed.backend == backend
+    assert ("HOROVOD_CACHE_CAPACITY" in sub.text) == (backend != "mwms")
+    if backend == "mwms":
+        assert "TF_CONFIG" in sub.text
+    # a config that names its backend keeps it
+    kept = jobs.submit("train", **train_job(dataset, tmp_path / "run2", machine=machine),
+                       overrides=["distributed.backend=horovod"], dry_run=True)
+    assert load_config(kept.script.with_suffix(".yaml"), require=("model", "train")).distributed.backend == "horovod"

@@ -218,6 +218,22 @@ def test_friedel_symmetry_on_a_centrosymmetric_site():
     assert np.abs(off - off[::-1, ::-1]).max() / off.max() > 1e-2
 
 
+@pytest.mark.parametrize("shift_ang", [(0.4, 0.0), (-0.4, 0.0), (0.0, 0.4)])
+def test_specimen_shift_moves_the_pattern_centre_of_mass_towards_the_atom(shift_ang):
+    """A probe beside an atom is deflected towards it (the momentum transfer is along
+    the potential's gradient): an atom moved along +x from the probe puts the pattern's
+    centre of mass at +kx (columns), along +y at +ky (rows). Transposed patterns fail."""
+    atoms = Atoms("Sr", positions=[(6.0 + shift_ang[0], 6.0 + shift_ang[1], 1.0)], cell=[12.0, 12.0, 2.0],
+                  pbc=True)
+    pattern = ms.cbed_stack(atoms, energy_ev=E, convergence_mrad=20.0, grid=(1, 1), fov_ang=point_fov(6.0, 6.0),
+                            k=31, max_angle_mrad=40.0, sampling_ang=0.08, slice_thickness_ang=2.0)[0]
+    k = np.arange(31) - 15
+    com = np.array([np.sum(pattern * k[None, :]), np.sum(pattern * k[:, None])]) / pattern.sum()  # (kx, ky)
+    along = int(np.argmax(np.abs(shift_ang)))
+    assert np.sign(com[along]) == np.sign(shift_ang[along])
+    assert abs(com[along]) > 0.05 and abs(com[1 - along]) < 0.05 * abs(com[along])
+
+
 CBED_KW = dict(
     energy_ev=E,
     convergence_mrad=20.0,

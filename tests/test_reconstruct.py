@@ -1,4 +1,4 @@
-"""Reconstruction of experimental micrographs (stemnet.reconstruct, stemnet.readers).
+"""Reconstruction of experimental micrographs (stemnet.reconstruct).
 
 Exactness of the pieces is tested with fixed Keras models built here (tiling = one pass,
 TTA inverse transforms, calibration, intensity rule); the whole pipeline with a real
@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from stemnet import reconstruct as R
 from stemnet.cli import cli
 from stemnet.errors import UserError
-from stemnet.readers import parse_channel_map, read_images, unit_to_ang
+from stemnet.reconstruct import outputs as reconstruct_outputs
+from stemnet.reconstruct import parse_channel_map, read_images, unit_to_ang
 
 REPO = Path(__file__).resolve().parents[1]
 CHANNELS = ["haadf", "abf"]
@@ -184,6 +185,52 @@ def test_readers_and_calibration(tmp_path):
     assert np.allclose(m.data, img, atol=1e-6)
 
 
+INSTRUMENT = REPO / "tests" / "data" / "instrument"  # `make testdata` (tests/scripts/instrument_files.py)
+
+
+@pytest.fixture(scope="module")
+def instrument():
+    if not (INSTRUMENT / "fei_emd_image.emd").is_file():
+        pytest.fail(f"{INSTRUMENT}: real instrument files missing; run `make testdata`")
+    return INSTRUMENT
+
+
+def test_real_instrument_files(instrument):
+    """Files written by microscope software, shipped by public packages (fetched by
+    `make testdata`), read with their calibration and integer data types:
+    - fei_emd_image.emd: a Velox EMD HAADF image (HyperSpy 1.7.6 wheel,
+      hyperspy/tests/io/emd_files/fei_emd_files.zip; HyperSpy's test expects 0.00530241 µm);
+    - test_STEM_image.dm3: a FEI Titan STEM image saved by DigitalMicrograph (hyperspy/tests/io/
+      dm3_2D_data; 0.2485 nm pixels, uint32);
+    - test_loading_image_saved_with_imageJ.tif / _with_DM.tif: TIFFs saved by ImageJ and by
+      DigitalMicrograph (hyperspy/tests/io/tiff_files; HyperSpy's test expects 0.16867 µm);
+    - dm{3,4}_test-N: 2x2 images of each integer type written by DigitalMicrograph
+      (hyperspy/tests/io/dm{3,4}_2D_data/test-{1,6,7,9,10,11}, values [[1, 2], [3, 4]]);
+    - epu2.9_example.mrc: an MRC image written by Thermo Fisher EPU 2.9 (mrcfile 1.5.4 sdist,
+      tests/test_data; 4096x4096 uint16)."""
+    (emd,) = read_images(instrument / "fei_emd_image.emd")  # select_type="images" (Velox)
+    assert emd.title == "HAADF" and emd.data.shape == (512, 512) and emd.data.dtype == np.uint16
+    assert np.allclose(emd.pixel_size_ang, 53.0241, rtol=1e-5)
+    (dm,) = read_images(instrument / "test_STEM_image.dm3")
+    assert dm.data.dtype == np.uint32 and np.allclose(dm.pixel_size_ang, 2.48538, rtol=1e-5)
+    for name, dtype in (("imageJ", np.float32), ("DM", np.int32)):
+        (tif,) = read_images(instrument / f"test_loading_image_saved_with_{name}.tif")
+        assert tif.data.dtype == dtype and np.allclose(tif.pixel_size_ang, 1686.7, atol=0.1), name
+    for n, dtype in ((1, np.int16), (6, np.uint8), (7, np.int32), (9, np.int8), (10, np.uint16), (11, np.uint32)):
+        for v in (3, 4):
+            (im,) = read_images(instrument / f"dm{v}_test-{n}.dm{v}")
+            assert im.data.dtype == dtype and im.data.tolist() == [[1, 2], [3, 4]], (n, v)
+    (mrc,) = read_images(instrument / "epu2.9_example.mrc")
+    assert mrc.data.shape == (4096, 4096) and mrc.data.dtype == np.uint16
+    assert np.allclose(mrc.pixel_size_ang, 0.66655, rtol=1e-4)
+    m = R.load_micrograph(instrument / "fei_emd_image.emd", ["haadf"])  # a HAADF-only run takes it as is
+    assert m.data.dtype == np.float64 and m.pixel_size_ang == pytest.approx((53.0241, 53.0241), rel=1e-5)
+    assert m.sources[0]["dtype"] == "uint16" and m.calibration == "file"
+    assert np.array_equal(m.data[0], emd.data.astype(np.float64))
+    with pytest.raises(UserError, match="no image titled 'abf'"):  # a HAADF+ABF run lists what it expects
+        R.load_micrograph(instrument / "fei_emd_image.emd", CHANNELS)
+
+
 def test_resample_keeps_pixel_centres_and_intensity_rule():
     q, p = 0.4, TRAIN_PIXEL
     n = 60
@@ -288,20 +335,43 @@ def test_tta_inverse_transforms():
     assert sorted(np.round(d[:, 0, 0, 3]).tolist()) == [-1, -1, 0, 0, 0, 0, 1, 1]
 
 
-def test_columns_on_a_synthetic_lattice():
-    img = lattice_images(cells=4, pixel=TRAIN_PIXEL, b_shift=(0.15, -0.05))
-    points, intensity = R.find_columns(img[0], TRAIN_PIXEL, A_ANG)
-    labels, lattice = R.classify_columns(points, intensity, A_ANG / TRAIN_PIXEL)
-    assert lattice is not None and abs(lattice.a_px * TRAIN_PIXEL - A_ANG) < 0.02
-    a, b = labels == 0, labels == 1
-    assert a.sum() >= 9 and b.sum() >= 9 and intensity[a].mean() > intensity[b].mean()
-    zero = {"displacement": np.zeros(img.shape[1:] + (9,)), "potential": np.zeros(img.shape[1:] + (1,))}
-    table, summary = R.column_statistics(img[0], TRAIN_PIXEL, zero, zero, [zero], {"materials": {
-        "SrTiO3": {"A": "Sr", "B": "Ti", "X": "O", "a": A_ANG}}})
+@pytest.mark.parametrize("pixel", [0.1, TRAIN_PIXEL])
+def test_columns_on_a_synthetic_lattice(pixel):
+    """FFT lattice, Gaussian fits, sublattices by Z contrast, O on the ABF, polarisation:
+    a B shift of (0.15, −0.05) Å is recovered to 1 pm at 0.1 Å and at the run's 0.49 Å pixels."""
+    img = lattice_images(cells=6, pixel=pixel, b_shift=(0.15, -0.05))
+    basis = R.fft_basis(img[0])
+    assert np.allclose(np.linalg.norm(basis, axis=1) * pixel, A_ANG, rtol=0.005)
+    found, lattice = R.find_lattice_columns(img[0], abf=img[1])
+    assert abs(lattice.a_px * pixel - A_ANG) < 0.005 and abs(lattice.angle_deg - 90) < 0.1
+    sub = found["sublattice"]
+    assert (sub == 0).sum() >= 16 and (sub == 1).sum() >= 16 and (sub == 2).sum() >= 32
+    assert found["amplitude"][sub == 0].mean() > found["amplitude"][sub == 1].mean()  # A brighter (Sr > Ti)
+    found_swapped, _ = R.find_lattice_columns(img[0], a_is_brighter=False)  # Z(A) < Z(B): the roles swap
+    assert found_swapped["amplitude"][found_swapped["sublattice"] == 0].mean() < \
+        found_swapped["amplitude"][found_swapped["sublattice"] == 1].mean()
+    zero = {"displacement": np.zeros((8, 8, 9)), "potential": np.zeros((8, 8, 1))}
+    table, summary = R.column_statistics(found, lattice, pixel, zero, zero, TRAIN_PIXEL)
     on_b = table["sublattice"] == 1
-    assert np.allclose(table["lattice_dx_ang"][on_b].mean(), 0.15, atol=0.03)
-    assert np.allclose(table["lattice_dy_ang"][on_b].mean(), -0.05, atol=0.03)
-    assert summary["O"]["count"] >= 12 and summary["tilt_deg"] == 0.0
+    assert np.allclose(np.nanmean(table["fit_dx_ang"][on_b]), 0.15, atol=0.01)
+    assert np.allclose(np.nanmean(table["fit_dy_ang"][on_b]), -0.05, atol=0.01)
+    assert abs(summary["mean_pol_fit_x_pm"] - 15) < 1 and abs(summary["mean_pol_fit_y_pm"] + 5) < 1
+    assert np.nanmax(np.abs(table["fit_dx_ang"][table["sublattice"] == 0])) < 0.01
+    assert summary["O"]["count"] >= 32 and summary["tilt_deg"] == 0.0
+
+
+def test_one_peak_finder_everywhere():
+    """evaluate and stage find column centres with the same scikit-image peak finder."""
+    import stemnet.evaluate as E
+    import stemnet.stage as S
+
+    assert E.find_peaks is R.find_peaks and S.find_peaks is R.find_peaks
+    m = np.zeros((12, 12))
+    m[3, 4], m[11, 0], m[6, 6] = 1.0, 0.9, 0.3
+    assert R.find_peaks(m, 1, 0.5).tolist() == [[3, 4], [11, 0]]
+    assert sorted(R.find_peaks(m, 1, 0.5, wrap=True).tolist()) == [[3, 4], [11, 0]]
+    fit = R.fit_gaussians(lattice_images(cells=2, pixel=0.1)[0], np.array([[8.0, 10.5]]), 5, 3.5)
+    assert np.allclose(fit[0, :2], [0.25 * A_ANG / 0.1 - 0.5, 0.25 * A_ANG / 0.1 - 0.5], atol=0.01)
 
 
 # ---------------------------------------------------------------------- bad inputs
@@ -314,7 +384,10 @@ def test_bad_inputs_fail_in_one_line_without_output(fake_run, tmp_path):
     np.save(tmp_path / "four_d.npy", np.zeros((2, 2, 8, 8)))
     np.save(tmp_path / "one.npy", img[0])
     np.save(tmp_path / "three.npy", np.concatenate([img, img[:1]]))
-    np.save(tmp_path / "tiny.npy", img[:, :9, :9])
+    np.save(tmp_path / "tiny.npy", img[:, :18, :18])  # 7.2 Å: less than two cells
+    np.save(tmp_path / "const.npy", np.stack([img[0], np.full_like(img[1], 0.7)]))
+    np.save(tmp_path / "big_cell.npy", lattice_images(cells=4, a=4.4))  # +13 %: no trained material
+    np.save(tmp_path / "noise.npy", np.random.default_rng(0).normal(size=img.shape))
     (tmp_path / "junk.dm4").write_bytes(b"not a DigitalMicrograph file" * 10)
     (tmp_path / "img.xyz").write_text("?")
     nofinal = tmp_path / "unfinished"
@@ -328,11 +401,17 @@ def test_bad_inputs_fail_in_one_line_without_output(fake_run, tmp_path):
         ((fake_run, tmp_path / "ok.npy"), "no pixel-size calibration"),
         ((fake_run, tmp_path / "nan.npy", "--pixel-size", 0.4), "NaN/Inf"),
         ((fake_run, tmp_path / "one.npy", "--pixel-size", 0.4), "expects channels"),
-        ((fake_run, tmp_path / "three.npy", "--pixel-size", 0.4), "expects channels"),
+        ((fake_run, tmp_path / "three.npy", "--pixel-size", 0.4), "a 3-D stack of 3 images; the run expects 2 planes (C, H, W) in the order ['haadf', 'abf']"),
         ((fake_run, "--channels", f"haadf={tmp_path / 'one.npy'},bf={tmp_path / 'one.npy'}",
           "--pixel-size", 0.4), "missing ['abf']"),
-        ((fake_run, tmp_path / "ok.npy", "--pixel-size", 0.12), "0.2441–0.9762 Å"),
-        ((fake_run, tmp_path / "tiny.npy", "--pixel-size", 0.4), "at least 8×8 px"),
+        ((fake_run, tmp_path / "ok.npy", "--pixel-size", 0.7), "0.7 Å (y) is coarser than this run can "
+                                                                "reconstruct: expected at most 0.6102 Å"),
+        ((fake_run, tmp_path / "tiny.npy", "--pixel-size", 0.4), "covers 7.2×7.2 Å; expected at least 2 unit cells"),
+        ((fake_run, tmp_path / "const.npy", "--pixel-size", 0.4), "channel 'abf' is constant"),
+        ((fake_run, tmp_path / "big_cell.npy", "--pixel-size", 0.4), "lattice parameter 4.400 Å, expected 3.905 Å"),
+        ((fake_run, tmp_path / "noise.npy", "--pixel-size", 0.4), "lattice"),
+        ((fake_run, "--channels", f"haadf={tmp_path / 'three.npy'},abf={tmp_path / 'one.npy'}", "--pixel-size", 0.4),
+         "a 3-D stack of 3 images for channel 'haadf'; expected one 2-D image"),
         ((nofinal, tmp_path / "ok.npy", "--pixel-size", 0.4), "weights.h5 missing"),
         ((fake_run, tmp_path / "missing.npy"), "no such file"),
     ]
@@ -356,7 +435,7 @@ def test_fill_nan_cli_and_hspy_layout(fake_run, tmp_path):
     assert result.exit_code == 0, (result.output, result.exception)
     line = result.output.strip()
     assert "\n" not in line and line.startswith("scan: 19.5×19.5 Å at 0.488 Å/px") and "tilt" in line
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan.hspy", "scan.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan.hspy", "scan.png", "scan_columns.csv"]
     signals = {d["metadata"]["General"]["title"]: d for d in file_reader(str(tmp_path / "out/scan.hspy"))}
     assert set(signals) == {"input", "potential", "potential_std", "displacement", "displacement_std"}
     disp = signals["displacement"]
@@ -369,6 +448,12 @@ def test_fill_nan_cli_and_hspy_layout(fake_run, tmp_path):
         assert R.sha256(path) in prov["inputs"] and str(fake_run.resolve()) == prov["run"]
         cols = f["stemnet/columns"]
         assert set(np.unique(cols["sublattice"][()])) == {0, 1, 2} and len(cols["x_ang"]) > 30
+        table = np.genfromtxt(tmp_path / "out/scan_columns.csv", delimiter=",", names=True)
+        assert np.allclose(table["x_ang"], cols["x_ang"][()], rtol=1e-5)  # the CSV holds the same table
+        assert np.allclose(table["dx_ang"], cols["dx_ang"][()], rtol=1e-4, atol=1e-9)
+        for key in ("fit_dx_ang", "pol_net_x_pm", "tilt_z_deg_from_O", "std_dx_ang", "ideal_x_ang"):
+            assert key in cols, key
+        assert prov["forced"] == 0 and "lattice_check" in prov
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -384,8 +469,8 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(*args, **kwargs)
 
-    real = R._write_signal
-    monkeypatch.setattr(R, "_write_signal", fail_late)
+    real = reconstruct_outputs._write_signal
+    monkeypatch.setattr(reconstruct_outputs, "_write_signal", fail_late)
     with pytest.raises(OSError, match="disk full"):
         R.write_hspy(tmp_path / "bad.hspy", rec)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.hspy"]
@@ -445,3 +530,148 @@ def test_round_trip_on_unseen_specimen(trained_run, unseen, tmp_path):
     assert abs(reference.summary["tilt_deg"] - 8.0) < 4.0
     assert reference.summary["A"]["count"] >= 4 and reference.summary["O"]["count"] >= 8
     assert np.all(reference.spread["displacement"] >= 0) and reference.spread["displacement"].max() > 0
+
+
+# ------------------------------------------------------------- HAADF-only run, seams
+HAADF_OVERRIDES = [o for o in SIM_OVERRIDES if not o.startswith(("simulation.stem.detectors", "simulation.num_samples",
+                                                                 "simulation.splits"))] + [
+    "simulation.stem.detectors={haadf: [40.0, 100.0]}", "simulation.num_samples=48",
+    "simulation.splits={train: 0.75, val: 0.125, test: 0.125}", "simulation.seed=99"]
+
+
+@pytest.fixture(scope="module")
+def haadf_run(tmp_path_factory):
+    """A run trained on the HAADF detector only (tiny_stem, HAADF_OVERRIDES)."""
+    from simulation.generator import generate
+    from stemnet.config import load_config
+    from stemnet.train.loop import train
+
+    root = tmp_path_factory.mktemp("haadf")
+    sim = load_config(REPO / "configs/simulation/tiny_stem.yaml", HAADF_OVERRIDES, require=("simulation",)).simulation
+    generate(sim, root / "data", workers=2, progress=False)
+    cfg = load_config(REPO / "configs/training/tiny.yaml", TRAIN_OVERRIDES[:1] + ["train.steps=400"] + TRAIN_OVERRIDES[2:])
+    train(cfg, root / "data", root / "run", progress=False)
+    return root / "run", root / "data", sim
+
+
+@pytest.fixture(scope="module")
+def crystal(haadf_run):
+    """A periodic 4x4-cell specimen (a0a0c+ 8°, B shifted (0.12, −0.06) Å) imaged on HAADF
+    over the whole supercell at the run's 0.488 Å pixels (32 px), with its truth maps."""
+    from simulation.labels import column_maps, find_columns
+    from simulation.multislice import stem_images
+    from simulation.structures import build_specimen, material_from_dict
+
+    _, _, sim = haadf_run
+    spec = build_specimen(material_from_dict("SrTiO3", {"A": "Sr", "B": "Ti", "X": "O", "a": A_ANG}), 4, 2,
+                          glazer="a0a0c+", tilt_deg=(0.0, 0.0, 8.0), polar_B_ang=(0.12, -0.06, 0.0))
+    fov, n = 4 * A_ANG, 32
+    mic = sim.microscope
+    image = stem_images(spec.atoms, energy_ev=mic.energy_ev, convergence_mrad=mic.convergence_mrad, shape=(n, n),
+                        fov_ang=((0.0, 0.0), (fov, fov)), sampling_ang=sim.sampling_ang,
+                        slice_thickness_ang=A_ANG / 2, detectors=dict(sim.stem.detectors))
+    disp, mask = column_maps(find_columns(spec), cell_ang=(fov, fov), fov_ang=fov, shape=(n, n),
+                             sigma_ang=sim.label_sigma_ang)
+    return image, fov / n, np.moveaxis(disp, 0, -1), np.moveaxis(mask, 0, -1)
+
+
+def test_haadf_only_run_on_a_five_times_finer_image(haadf_run, crystal, tmp_path):
+    """A HAADF-only run reconstructs a single-detector image sampled 5x finer than its
+    training (Fourier-interpolated to 0.098 Å): anti-alias downsampled, columns fitted
+    at the native sampling (B polarisation within 3 pm of the true (12, −6) pm), and the
+    network beats the zero baseline on the B columns; --channels lists what it expects."""
+    from scipy.signal import resample
+    from stemnet.evaluate import column_rmse
+
+    run, _, _ = haadf_run
+    image, pixel, truth, mask = crystal
+    fine = resample(resample(image[0], 160, axis=0), 160, axis=1)  # periodic: band-limited interpolation
+    np.save(tmp_path / "fine.npy", fine.astype(np.float32))
+    result = invoke(run, tmp_path / "fine.npy", "--pixel-size", pixel / 5, "--out", tmp_path / "out", "--no-progress")
+    assert result.exit_code == 0, (result.output, result.exception)
+    with h5py.File(tmp_path / "out/fine.hspy") as f:
+        assert f["Experiments/input/data"].shape == (1, 32, 32)  # the run's sampling
+        cols = {k: f["stemnet/columns"][k][()] for k in f["stemnet/columns"]}
+    b = cols["sublattice"] == 1
+    assert b.sum() >= 9 and (cols["sublattice"] == 0).sum() >= 9
+    pol = np.nanmean(cols["pol_fit_x_pm"][b]), np.nanmean(cols["pol_fit_y_pm"][b])
+    print(f"\nHAADF-only, 5x finer: Gaussian-fit polarisation ({pol[0]:.1f}, {pol[1]:.1f}) pm (truth 12, -6)")
+    assert abs(pol[0] - 12) < 3 and abs(pol[1] + 6) < 3
+    rec, _ = R.reconstruct_files(run, [tmp_path / "fine.npy"], tmp_path / "again", pixel_size=pixel / 5, plot=False)[0]
+    m = np.repeat(mask, 3, axis=-1)[None]
+    model = column_rmse(truth[None], rec.maps["displacement"][None], m)
+    zero = column_rmse(truth[None], 0 * truth[None], m)
+    b_model, b_zero = np.hypot(model["B_dx"], model["B_dy"]), np.hypot(zero["B_dx"], zero["B_dy"])
+    print(f"B in-plane RMSE: model {b_model:.4f} Å, zero {b_zero:.4f} Å")
+    assert b_model < b_zero
+    result = invoke(run, "--channels", f"haadf={tmp_path / 'fine.npy'},abf={tmp_path / 'fine.npy'}",
+                    "--pixel-size", 0.1, "--out", tmp_path / "bad", "--no-progress")
+    assert "the run expects channels ['haadf']; unknown ['abf']" in str(result.exception)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_no_seams(haadf_run, crystal):
+    """Translating the input by half and by a quarter of a tile changes the maps by less
+    than the ensemble spread; the error at tile borders is no larger than elsewhere
+    (ratio <= 1.2) on a crystal twice the tile."""
+    from stemnet.data import Normalization
+    from stemnet.reconstruct.pipeline import run_info
+    from stemnet.train.run import load_run
+
+    run, _, _ = haadf_run
+    image, pixel, truth, mask = crystal
+    info, norm = run_info(run)
+    norm = Normalization.from_dict(norm)
+    model, *_ = load_run(run)
+    predict = R.keras_predictor(model)
+    x = R.match_intensity(image, norm)
+    tile = tuple(info["input_shape"][:2])
+    assert tile == (16, 16) and x.shape[:2] == (32, 32)
+
+    def ensemble(img):
+        members = [norm.denormalize(m)["displacement"] for m in R.tta_members(predict, img, tile)]
+        return np.mean(members, axis=0), np.std(members, axis=0)
+
+    mean, spread = ensemble(x)
+    inner = (slice(4, -4), slice(4, -4))
+    for shift in (8, 4):  # the specimen is periodic: rolling the image translates the crystal
+        moved, _ = ensemble(np.roll(x, (shift, shift), axis=(0, 1)))
+        back = np.roll(moved, (-shift, -shift), axis=(0, 1))
+        change = float(np.abs(back - mean)[inner].mean())
+        print(f"\nshift {shift} px: mean |change| {change:.4f} Å vs mean spread {float(spread[inner].mean()):.4f} Å")
+        assert change < float(spread[inner].mean())
+    err = np.abs(mean - truth)  # (H, W, 9)
+    centres = np.repeat(mask >= 0.5, 3, axis=-1)
+    k = np.arange(32)
+    near = np.minimum(k % 8, 8 - k % 8) <= 1  # within a pixel of a tile edge (tile edges every 8 px)
+    border = (near[:, None] | near[None, :])[..., None] & centres
+    ratio = float(err[border].mean() / err[centres & ~border].mean())
+    print(f"seam ratio (border / elsewhere error at columns) {ratio:.3f}")
+    assert ratio <= 1.2
+
+
+def test_uncertainty_calibrated_on_validation(haadf_run, crystal, tmp_path):
+    """The variance scale fitted on the validation split gives 68 % coverage there, is
+    reported with the held-out test split's coverage, and scales the column uncertainties."""
+    from stemnet.reconstruct.calibration import ensemble_on_samples
+
+    run, data, _ = haadf_run
+    image, pixel, _, _ = crystal
+    np.save(tmp_path / "img.npy", image)
+    before, _ = R.reconstruct_files(run, [tmp_path / "img.npy"], tmp_path / "a", pixel_size=pixel, plot=False)[0]
+    result = R.calibrate_uncertainty(run, data, "val")
+    try:
+        scale = result["variance_scale"]
+        assert 0.6 <= result["coverage_scaled"] <= 0.75 and result["values"] > 50
+        held_out = ensemble_on_samples(run, data, "test")
+        t, m, s = held_out["displacement_t"], held_out["displacement_m"], held_out["displacement_s"]
+        raw, scaled = R.coverage(t, m, s), R.coverage(t, m, scale * s)
+        print(f"\nvariance scale {scale:.2f}: 1-sigma coverage on the test split {raw:.1%} raw -> {scaled:.1%} "
+              f"(validation {result['coverage_raw']:.1%} -> {result['coverage_scaled']:.1%})")
+        assert 0.45 <= scaled <= 0.9
+        after, _ = R.reconstruct_files(run, [tmp_path / "img.npy"], tmp_path / "b", pixel_size=pixel, plot=False)[0]
+        assert after.summary["variance_scale"] == pytest.approx(scale)
+        assert np.allclose(after.columns["std_dx_ang"], scale * before.columns["std_dx_ang"], rtol=1e-5)
+        assert after.summary["spread_vs_validation"] > 0
+    finally:
+        (run / "uncertainty.json").unlink(missing_ok=True)  # the other tests use the uncalibrated run

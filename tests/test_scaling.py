@@ -7,14 +7,13 @@ import pytest
 import yaml
 
 from stemnet.config import DistributedConfig
+from stemnet.hpc.machines import MACHINES_DIR, ProfileError, load_network
 from stemnet.distributed.scaling import (
-    MACHINE_DIRS,
     LayerCost,
     ScalingError,
     Workload,
     allreduce_seconds,
     format_prediction,
-    load_network,
     plan_groups,
     predict,
     scaling_report,
@@ -149,12 +148,11 @@ def test_more_gpus_than_the_machine_or_a_bad_strategy_is_a_one_line_error(toy_ne
         plan_groups(TOY, "count:0")
 
 
-@pytest.mark.parametrize("name", ["summit", "frontier", "perlmutter", "local"])
+@pytest.mark.parametrize("name", ["summit", "frontier", "perlmutter", "local", "localslurm"])
 def test_shipped_machine_descriptions_load(name):
     net = load_network(name)
     assert net.gpus_per_node >= 1 and net.flop_rate("float32") > 0
-    path = [d / f"{name}.yaml" for d in MACHINE_DIRS if (d / f"{name}.yaml").is_file()]
-    assert path, name
+    assert (MACHINES_DIR / f"{name}.yaml").is_file(), name
 
 
 def test_machine_description_refuses_unknown_keys(tmp_path):
@@ -162,10 +160,15 @@ def test_machine_description_refuses_unknown_keys(tmp_path):
     data["network"]["intra_node"]["bandwith_gbs"] = 1.0
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(ScalingError, match=r"bad.yaml: network.intra_node.bandwith_gbs: unknown key"):
+    with pytest.raises(ProfileError, match=r"bad.yaml: network.intra_node.bandwith_gbs: unknown key; "
+                                           r"did you mean 'bandwidth_gbs'\?"):
         load_network(path)
-    with pytest.raises(ScalingError, match="no machine description"):
+    with pytest.raises(ProfileError, match="--machine no-such-machine: unknown machine; expected one of .*summit"):
         load_network("no-such-machine")
+    profile_only = tmp_path / "profile-only.yaml"
+    profile_only.write_text(yaml.safe_dump({"machine": {"scheduler": "lsf"}}))
+    with pytest.raises(ProfileError, match=r"profile-only.yaml: network: missing section"):
+        load_network(profile_only)
     # a merged machine profile with other sections is fine: only network: is read
     merged = tmp_path / "merged.yaml"
     merged.write_text(yaml.safe_dump({"machine": {"scheduler": "lsf"}, **TOY_MACHINE}))

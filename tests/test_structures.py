@@ -35,7 +35,9 @@ def x_bonds(spec):
     ideal = spec.ideal_positions
     dist = np.linalg.norm(mic(ideal[x][:, None] - ideal[b][None], lengths), axis=-1)
     near = np.argsort(dist, axis=1)[:, :2]
-    assert np.allclose(np.take_along_axis(dist, near, axis=1), A / 2)
+    half = np.take_along_axis(dist, near, axis=1)
+    assert np.allclose(half[:, 0], half[:, 1]) and np.all(half <= A / 2 + 1e-9)
+    assert np.all(np.sort(dist, axis=1)[:, 2] > 1.2 * half[:, 0])
     return x, b[near[:, 0]], b[near[:, 1]]
 
 
@@ -69,7 +71,7 @@ def test_each_site_once_and_no_close_atoms(glazer, tilt):
     assert spec.atoms.get_all_distances(mic=True)[pairs].min() > 1.5
     ideal = np.linalg.norm(mic(spec.ideal_positions[:, None] - spec.ideal_positions[None],
                                spec.atoms.cell.lengths()), axis=-1)[pairs]
-    assert ideal.min() == pytest.approx(A / 2)
+    assert ideal.min() == pytest.approx(min(spec.params["lattice_ang"]) / 2)
 
 
 TILT_CASES = [("a0a0c+", (0, 0, 1)), ("a0a0c-", (0, 0, 1)), ("a+b0b0", (1, 0, 0)),
@@ -105,9 +107,10 @@ def test_in_phase_and_anti_phase_sign_patterns(glazer, tilt, axis, phase):
 
     One cell across the tilt axis: ×(-1)."""
     spec = build(glazer, tilt, n=4, m=2)
-    grid = np.round(2 * spec.atoms.cell.lengths() / A).astype(int)
+    lattice = np.asarray(spec.params["lattice_ang"])
+    grid = np.round(2 * spec.atoms.cell.lengths() / lattice).astype(int)
     on_x = spec.sublattice == 2
-    keys = np.round(2 * spec.ideal_positions[on_x] / A).astype(int)
+    keys = np.round(2 * spec.ideal_positions[on_x] / lattice).astype(int)
     disp = dict(zip(map(tuple, keys), spec.atoms.positions[on_x] - spec.ideal_positions[on_x]))
     moved = 0
     for key, d in disp.items():
@@ -122,17 +125,20 @@ def test_in_phase_and_anti_phase_sign_patterns(glazer, tilt, axis, phase):
 
 @pytest.mark.parametrize("glazer, tilt", [("a0a0c+", (0, 0, 12)), ("a-b0b0", (12, 0, 0)),
                                           ("a-a-a-", (9, 9, 9)), ("a+b-b-", (9, 6, 6))])
-def test_b_o_bond_lengths(glazer, tilt):
-    spec = build(glazer, tilt)
+def test_b_o_bond_lengths_of_rigid_octahedra(glazer, tilt):
+    """The cell contracts (SPuDS): every B-O bond keeps a/2 (to 0.5 %, here exactly), the
+    cell edge along b is a / sqrt(1 + sum of tan^2 of the other axes' tilts)."""
+    spec = build(glazer, tilt, polar_B_ang=(0.0, 0.0, 0.0))
     x, b1, b2 = x_bonds(spec)
     pos, lengths = spec.atoms.positions, spec.atoms.cell.lengths()
-    bond = np.argmax(np.abs(mic(spec.ideal_positions[b2] - spec.ideal_positions[b1], lengths)), 1)
-    tan2 = np.tan(np.radians(tilt)) ** 2
-    expected = A / 2 * np.sqrt(1 + tan2.sum() - tan2[bond])
     for b in (b1, b2):
         length = np.linalg.norm(mic(pos[b] - pos[x], lengths), axis=1)
-        np.testing.assert_allclose(length, expected, rtol=1e-12)
-        assert np.all(np.abs(length / (A / 2) - 1) < 0.03)
+        assert np.all(np.abs(length / (A / 2) - 1) < 0.005)
+        np.testing.assert_allclose(length, A / 2, rtol=1e-12)
+    tan2 = np.tan(np.radians(tilt)) ** 2
+    np.testing.assert_allclose(lengths / 2, A / np.sqrt(1 + tan2.sum() - tan2), rtol=1e-12)
+    if max(tilt) > 0:
+        assert lengths.min() / 2 < 0.99 * A
 
 
 @pytest.mark.parametrize("zone", ["001", "110"])
@@ -285,3 +291,47 @@ def test_zone_110_tilts_measured_back(glazer, tilt):
     spec = build(glazer, tilt, zone="110")
     np.testing.assert_allclose(measure_tilts(spec), tilt, atol=0.2)
     assert spec.atoms.get_all_distances(mic=True)[np.triu_indices(len(spec.atoms), 1)].min() > 1.5
+
+
+@pytest.mark.parametrize("glazer, tilt", [("a0a0c+", (0, 0, 8)), ("a-a-a-", (6, 6, 6)), ("a+b-b-", (7, 5, 5))])
+def test_tilt_sign_convention_is_counter_clockwise_about_each_positive_axis(glazer, tilt):
+    """The octahedron of cell (0, 0, 0) turns counter-clockwise about +x, +y, +z (seen
+    from the axis tip): its +x bond towards +y (about z), +y bond towards +z (about x),
+    +z bond towards +x (about y) -- flipping every tilt's sign fails here."""
+    spec = build(glazer, tilt, n=2, m=2)
+    lattice = np.asarray(spec.params["lattice_ang"])
+    b = np.flatnonzero(spec.sublattice == 1)
+    b0 = b[np.argmin(np.linalg.norm(spec.ideal_positions[b] - lattice / 2, axis=1))]
+    x = np.flatnonzero(spec.sublattice == 2)
+    pos = spec.atoms.positions
+    for axis, (bond, towards) in enumerate([(1, 2), (2, 0), (0, 1)]):  # about x, y, z
+        site = spec.ideal_positions[b0] + lattice[bond] / 2 * np.eye(3)[bond]
+        o = x[np.argmin(np.linalg.norm(spec.ideal_positions[x] - site, axis=1))]
+        v = pos[o] - pos[b0]
+        angle = math.degrees(math.atan2(v[towards], v[bond]))
+        assert angle == pytest.approx(tilt[axis], abs=1e-9)
+    np.testing.assert_allclose(spec.octahedron_tilt_deg[b0], tilt)
+    np.testing.assert_allclose(measure_tilts(spec), tilt, atol=0.2)  # measured back from the atoms
+
+
+@pytest.mark.parametrize("glazer, tilt", [("a0a0c+", (0, 0, 8)), ("a0a0c-", (0, 0, 8)), ("a-a-a-", (6, 6, 6)),
+                                          ("a+b-b-", (7, 5, 5))])
+def test_tilt_map_is_constant_over_each_cell_and_signed_per_octahedron(glazer, tilt):
+    from simulation.imaging import pixel_positions
+    from simulation.labels import tilt_map
+
+    spec = build(glazer, tilt, n=2, m=2)
+    lattice = np.asarray(spec.params["lattice_ang"])
+    positions = pixel_positions((32, 32), 2 * lattice[0])  # 16 pixels per cell
+    maps = tilt_map(spec, positions)
+    assert maps.shape == (3, 32, 32)
+    for i, j in product(range(2), range(2)):
+        block = maps[:, 16 * j:16 * j + 16, 16 * i:16 * i + 16]  # rows along y (cell j), columns x (cell i)
+        assert np.ptp(block, axis=(1, 2)).max() == 0  # one value per cell
+        b = np.flatnonzero(spec.sublattice == 1)
+        site = (np.array([i, j, 0]) + 0.5) * lattice
+        b_site = b[np.argmin(np.linalg.norm(spec.ideal_positions[b] - site, axis=1))]  # entrance layer
+        np.testing.assert_allclose(block[:, 0, 0], spec.octahedron_tilt_deg[b_site])
+    np.testing.assert_allclose(np.abs(maps).max(axis=(1, 2)), tilt)
+    if glazer == "a0a0c-":  # the column mean would be 0; the map keeps the entrance octahedron
+        assert np.abs(maps[2]).min() == 8.0

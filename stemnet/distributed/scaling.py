@@ -30,6 +30,8 @@ node, M = ⌈N/L⌉ nodes; α latency per step, B bandwidth per direction):
   share the node's injection bandwidth ``B_node``:
   ring ``2(M-1)·α_inter + 2(M-1)/M · S/B_node``, or
   tree (NCCL's double binary tree, pipelined) ``2⌈log2 M⌉·α_inter + 2·S/B_node``;
+- or, ``algorithm: flat`` (NCCL rings before hierarchies and trees), one ring through all
+  N GPUs: ``2(N-1)·α_inter + 2(N-1)/N · S/min(B_intra, B_node)``;
 - plus ``allreduce_overhead`` per allreduce (Horovod's launch and, with the response
   cache, its small per-cycle coordination).
 
@@ -61,11 +63,10 @@ where the time goes, not a promise.
 
 Machine descriptions are the ``network:`` section of ``configs/machines/<name>.yaml`` (the
 same profiles ``stemnet submit`` reads their ``machine:`` section from), or of any YAML
-path; see :class:`Network`.
+path, loaded by ``stemnet.hpc.machines.load_network``; see :class:`~stemnet.hpc.machines.Network`.
 
 Public API
 ----------
-Network, Link, InterNodeLink, load_network(name_or_path) -> Network
 allreduce_seconds(nbytes, gpus, network, algorithm=None) -> float
 LayerCost, Workload; profile_model(cfg, input_shape, output_shape) -> (rows, tape_order, model)
 analytic_workload(rows, network, ...) -> Workload; measure_workload(cfg, input_shape, ...) -> Workload
@@ -78,125 +79,26 @@ scaling_report(config_path, machine, gpus, ...) -> dict  (what ``stemnet scaling
 from __future__ import annotations
 
 import math
-import statistics
-import time
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from stemnet.config import GROUPING_PATTERN, DistributedConfig, ModelConfig
+from stemnet.config import GROUPING_PATTERN, DistributedConfig
 from stemnet.distributed.grouping import pack_layers
-from stemnet.errors import UserError
+from stemnet.distributed.workload import (  # noqa: F401  (public here too)
+    LayerCost,
+    Workload,
+    analytic_workload,
+    measure_workload,
+    profile_model,
+)
+from stemnet.hpc.machines import Network, ProfileError, load_network
 
-PositiveInt = typing.Annotated[int, Field(gt=0)]
-PositiveFloat = typing.Annotated[float, Field(gt=0)]
-NonNegativeFloat = typing.Annotated[float, Field(ge=0)]
-
-REPO = Path(__file__).resolve().parents[2]
-MACHINE_DIRS = (REPO / "configs" / "machines",)
-ADAM_BYTES_PER_PARAM = 28  # read param, grad, m, v (16 B); write param, m, v (12 B), float32
-GRAD_BYTES_PER_PARAM = 4
-PRECISION_PEAK = {"float32": "float32", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 DEFAULT_STRATEGIES = ("none", "count:4", "layer", "graph")
 
 
-class ScalingError(UserError, ValueError):
-    """A bad machine description or scaling request, as one line."""
-
-
-# ------------------------------------------------------------------------ machine model
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Link(_Strict):
-    """One level of the network: bandwidth per direction (GB/s = 1e9 B/s), latency per step (µs)."""
-
-    bandwidth_gbs: PositiveFloat
-    latency_us: NonNegativeFloat
-
-
-class InterNodeLink(Link):
-    """The network between nodes: ``bandwidth_gbs`` is the injection bandwidth per node."""
-
-    algorithm: Literal["ring", "tree"] = "tree"
-
-
-class Network(_Strict):
-    """The ``network:`` section of a machine description (extra keys refused)."""
-
-    description: str = ""
-    gpus_per_node: PositiveInt
-    max_nodes: Optional[PositiveInt] = None
-    peak_tflops: Dict[Literal["float32", "float16", "bfloat16"], PositiveFloat] = Field(min_length=1)
-    compute_efficiency: float = Field(gt=0, le=1)
-    memory_bandwidth_gbs: PositiveFloat
-    intra_node: Link
-    inter_node: Optional[InterNodeLink] = None
-    allreduce_overhead_us: NonNegativeFloat = 0.0
-
-    @model_validator(mode="after")
-    def _inter_node_needed(self):
-        if self.inter_node is None and self.max_nodes != 1:
-            raise ValueError("inter_node: missing; expected an inter_node link unless max_nodes is 1")
-        return self
-
-    @property
-    def max_gpus(self) -> Optional[int]:
-        return None if self.max_nodes is None else self.max_nodes * self.gpus_per_node
-
-    def flop_rate(self, precision: str = "float32") -> float:
-        """Sustained FLOP/s of one GPU for a training ``precision`` (peak × efficiency)."""
-        key = PRECISION_PEAK.get(precision, precision)
-        if key not in self.peak_tflops:
-            raise ScalingError(f"network.peak_tflops: no {key!r} entry for precision {precision!r}; "
-                               f"expected one of {sorted(self.peak_tflops)}")
-        return self.peak_tflops[key] * 1e12 * self.compute_efficiency
-
-
-def _machine_path(name_or_path: Union[str, Path]) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise ScalingError(f"{path}: no such machine file")
-        return path
-    for candidate in (d / f"{name_or_path}.yaml" for d in MACHINE_DIRS):
-        if not candidate.is_file():
-            continue
-        try:  # a merged machine profile wins once it has a network section
-            data = yaml.safe_load(candidate.read_text())
-        except yaml.YAMLError:
-            data = None
-        if isinstance(data, dict) and "network" in data:
-            return candidate
-    known = sorted({p.stem for d in MACHINE_DIRS if d.is_dir() for p in d.glob("*.yaml")})
-    raise ScalingError(f"--machine {name_or_path}: no machine description with a 'network:' section; "
-                       f"expected one of {', '.join(known)} or a YAML path")
-
-
-def load_network(name_or_path: Union[str, Path]) -> Network:
-    """The ``network:`` section of a machine file (other top-level sections are ignored).
-
-    ``name_or_path`` is a YAML path, or a name looked up as ``configs/machines/NAME.yaml``.
-    """
-    path = _machine_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ScalingError(f"{path}: YAML syntax error: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("network"), dict):
-        raise ScalingError(f"{path}: network: missing section; expected a 'network:' mapping")
-    try:
-        return Network.model_validate(data["network"])
-    except ValidationError as error:
-        err = error.errors()[0]
-        key = ".".join(str(p) for p in ("network", *err["loc"]))
-        what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ScalingError(f"{path}: {key}: {what}") from None
+class ScalingError(ProfileError):
+    """A bad scaling request, as one line."""
 
 
 # ---------------------------------------------------------------------- allreduce cost
@@ -211,6 +113,10 @@ def allreduce_seconds(nbytes: float, gpus: int, network: Network, algorithm: Opt
     local = min(gpus, network.gpus_per_node)
     nodes = math.ceil(gpus / local)
     intra = network.intra_node
+    if nodes > 1 and network.inter_node is not None and (algorithm or network.inter_node.algorithm) == "flat":
+        inter = network.inter_node  # one ring through all GPUs, its bytes at the slowest link
+        slowest = min(intra.bandwidth_gbs, inter.bandwidth_gbs) * 1e9
+        return 2 * (gpus - 1) * inter.latency_us * 1e-6 + 2 * (gpus - 1) / gpus * nbytes / slowest
     t = 2 * (local - 1) * intra.latency_us * 1e-6 + 2 * (local - 1) / local * nbytes / (intra.bandwidth_gbs * 1e9)
     if nodes > 1:
         inter = network.inter_node
@@ -223,164 +129,8 @@ def allreduce_seconds(nbytes: float, gpus: int, network: Network, algorithm: Opt
         elif algo == "tree":
             t += 2 * math.ceil(math.log2(nodes)) * alpha + 2 * nbytes * beta
         else:
-            raise ScalingError(f"--algorithm: expected ring or tree, got {algo!r}")
+            raise ScalingError(f"--algorithm: expected ring, tree or flat, got {algo!r}")
     return t
-
-
-# --------------------------------------------------------------------------- workload
-@dataclass(frozen=True)
-class LayerCost:
-    """One layer with trainable variables: gradient bytes (float32) and backward seconds."""
-
-    name: str
-    grad_bytes: int
-    backward_s: float
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What one GPU does per step.
-
-    Attributes
-    ----------
-    layers : layers in backprop order (the order their gradients become ready).
-    forward_s, update_s : forward pass and optimizer update, seconds.
-    tape_order : one ``(layer index, bytes)`` per variable in the order the tape returns
-        gradients (``model.trainable_variables``); what ``count:N`` splits and ``none``
-        fuses. Empty: one variable per layer in forward order (reverse backprop order).
-    source : how compute times were obtained ("analytic ..." or "measured ...").
-    """
-
-    layers: Tuple[LayerCost, ...]
-    forward_s: float
-    update_s: float
-    tape_order: Tuple[Tuple[int, int], ...] = ()
-    source: str = ""
-
-    def __post_init__(self):
-        if not self.tape_order:
-            n = len(self.layers)
-            object.__setattr__(self, "tape_order", tuple((i, self.layers[i].grad_bytes) for i in reversed(range(n))))
-
-    @property
-    def backward_s(self) -> float:
-        return sum(layer.backward_s for layer in self.layers)
-
-    @property
-    def grad_bytes(self) -> int:
-        return sum(layer.grad_bytes for layer in self.layers)
-
-    def ready_times(self) -> List[float]:
-        """Seconds after the start of backprop at which each layer's gradient is ready."""
-        out, t = [], 0.0
-        for layer in self.layers:
-            t += layer.backward_s
-            out.append(t)
-        return out
-
-
-def profile_model(cfg: ModelConfig, input_shape: Sequence[int], output_shape: Optional[Sequence[int]] = None,
-                  model=None):
-    """Build ``cfg``'s model; its summary rows (backprop order) and tape order of variables.
-
-    Returns ``(rows, tape_order, model)``: rows as ``stemnet.models.summarize``; tape_order
-    one ``(row index, float32 bytes)`` per ``model.trainable_variables`` entry.
-    """
-    import numpy as np
-
-    from stemnet.models import backprop_order, build_model, summarize
-
-    model = model if model is not None else build_model(cfg, input_shape, output_shape)
-    rows = summarize(model)
-    owner = {}
-    for i, node in enumerate(backprop_order(model)):
-        for v in node.variables:
-            owner[id(v)] = i
-    tape_order = tuple((owner[id(v)], GRAD_BYTES_PER_PARAM * int(np.prod(v.shape)))
-                       for v in model.trainable_variables)
-    return rows, tape_order, model
-
-
-def _update_seconds(params: int, network: Network) -> float:
-    return params * ADAM_BYTES_PER_PARAM / (network.memory_bandwidth_gbs * 1e9)
-
-
-def analytic_workload(rows: Sequence[dict], network: Network, *, batch: int = 1, precision: str = "float32",
-                      tape_order: Sequence[Tuple[int, int]] = ()) -> Workload:
-    """Compute times from analytic FLOPs: ``flops × batch / (peak × compute_efficiency)``."""
-    rate = network.flop_rate(precision)
-    layers = tuple(LayerCost(r["name"], int(r["grad_bytes"]), r["flops_bwd"] * batch / rate) for r in rows)
-    forward = sum(r["flops_fwd"] for r in rows) * batch / rate
-    params = sum(int(r["params"]) for r in rows)
-    key = PRECISION_PEAK.get(precision, precision)
-    source = (f"analytic: {key} peak {network.peak_tflops[key]:g} TFLOP/s x efficiency "
-              f"{network.compute_efficiency:g}, batch {batch}/GPU")
-    return Workload(layers, forward, _update_seconds(params, network), tuple(tape_order), source)
-
-
-def measure_workload(cfg: ModelConfig, input_shape: Sequence[int], output_shape: Optional[Sequence[int]] = None,
-                     *, batch: int = 1, repeats: int = 5, network: Optional[Network] = None) -> Workload:
-    """Compute times measured on this host (float32, TensorFlow's default device).
-
-    Times (median of ``repeats`` after a warm-up) the forward pass, the forward+backward
-    pass and an Adam update of the whole model; the backward time (difference) is shared
-    out to layers in proportion to their analytic backward FLOPs. ``network`` is unused
-    for compute; it is only named in ``source``.
-    """
-    import tensorflow as tf
-
-    rows, tape_order, model = profile_model(cfg, input_shape, output_shape)
-    shape_in = tuple(int(s) for s in model.input_shape[1:])
-    x = tf.random.normal((batch, *shape_in))
-    targets = {name: tf.random.normal((batch, *[int(s) for s in t.shape[1:]]))
-               for name, t in model.output.items()}
-    variables = model.trainable_variables
-    opt = tf.keras.optimizers.Adam(1e-4)
-    opt.build(variables)
-
-    def loss_of(outputs):
-        return tf.add_n([tf.reduce_mean(tf.square(outputs[k] - targets[k])) for k in targets])
-
-    @tf.function
-    def forward():
-        return loss_of(model(x, training=True))
-
-    @tf.function
-    def forward_backward():
-        with tf.GradientTape() as tape:
-            loss = loss_of(model(x, training=True))
-        return tape.gradient(loss, variables)
-
-    grads = [tf.zeros_like(v) for v in variables]
-
-    @tf.function
-    def update():
-        opt.apply_gradients(zip(grads, variables))
-
-    def run(fn):
-        result = fn()
-        if result is not None:  # wait for the values: eager ops may still be running
-            tf.nest.map_structure(lambda t: t.numpy(), result)
-
-    def timed(fn):
-        run(fn)  # trace + warm up
-        samples = []
-        for _ in range(max(1, repeats)):
-            start = time.perf_counter()
-            run(fn)
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
-
-    t_fwd = timed(forward)
-    t_fb = timed(forward_backward)
-    t_upd = timed(update)
-    backward = max(t_fb - t_fwd, 0.0)
-    total_flops = sum(r["flops_bwd"] for r in rows) or 1
-    layers = tuple(LayerCost(r["name"], int(r["grad_bytes"]), backward * r["flops_bwd"] / total_flops) for r in rows)
-    where = f" (network of {network.description or 'the machine'})" if network is not None else ""
-    source = (f"measured on this host: forward {t_fwd * 1e3:.3g} ms, backward {backward * 1e3:.3g} ms "
-              f"apportioned by backward FLOPs, batch {batch}/GPU, float32{where}")
-    return Workload(layers, t_fwd, t_upd, tape_order, source)
 
 
 # ------------------------------------------------------------------------------ groups
@@ -650,7 +400,7 @@ def scaling_report(config_path, machine: str, gpus: Sequence[int], *, input_shap
     if not measure:
         try:
             network.flop_rate(precision)
-        except ScalingError as err:
+        except ProfileError as err:
             raise ScalingError(f"--machine {machine}: {err}") from None
     if measure:
         workload = measure_workload(cfg.model, input_shape, output_shape, batch=batch, repeats=repeats,

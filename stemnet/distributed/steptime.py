@@ -17,7 +17,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def measure(model_config: str, input_shape, batch: int, steps: int, strategies, backend: str = "auto") -> list:
+def measure(model_config: str, input_shape, batch: int, steps: int, strategies, quiet: bool = False,
+            backend: str = "auto") -> list:
     import numpy as np
     import tensorflow as tf
 
@@ -62,7 +63,7 @@ def measure(model_config: str, input_shape, batch: int, steps: int, strategies, 
         ngroups = len(groups) if isinstance(groups, list) else groups
         results.append({"strategy": strategy, "backend": dist.name, "world": dist.size, "groups": ngroups,
                         "step_s": step_s, "samples_per_s": batch * dist.size / step_s})
-    if dist.rank == 0:
+    if dist.rank == 0 and not quiet:
         for row in results:
             print(json.dumps(row), flush=True)
     return results

@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Tuple
 
+from stemnet.atomic import write_atomic, write_json_atomic  # noqa: F401 (write_json_atomic re-exported)
 from stemnet.config import Config, load_config, to_yaml
 from stemnet.errors import UserError
+from stemnet.train.rundata import RunData
 
 CONFIG = "config.yaml"
 DATA = "data.json"
@@ -31,26 +32,13 @@ SUMMARY = "summary.json"
 TENSORBOARD = "tensorboard"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """JSON to a temporary file beside ``path``, then ``os.replace`` (no half files)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_run_files(run: Path, cfg: Config, data_info: dict, normalization: dict) -> None:
     """The config, data shapes and normalisation, written once at the start of a run."""
     run.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run / CONFIG, to_yaml(cfg))
-    write_json_atomic(run / DATA, data_info)
+    write_atomic(run / CONFIG, to_yaml(cfg))
+    RunData.model_validate(data_info).write(run / DATA)
     write_json_atomic(run / NORMALIZATION, normalization)
 
 
@@ -65,7 +53,7 @@ def load_run(run) -> Tuple[object, Config, dict, dict]:
         if not path.is_file():
             raise UserError(f"{run}: not a finished run folder ({path.name} missing; expected an exported model from `stemnet train`)")
     cfg = load_config(run / CONFIG, require=("model",))
-    data_info = json.loads((run / DATA).read_text())
+    data_info = RunData.read(run / DATA).model_dump(mode="json")
     normalization = json.loads((run / NORMALIZATION).read_text())
     from stemnet.models import build_model
 

@@ -3,8 +3,8 @@
 Usage: python tests/scripts/potential_reference.py OUT.npz [CONFIG...]
 Writes, for sample 0 and 1 of the shipped configs/simulation/*.yaml (default: all but
 paper.yaml, whose 48x48-cell supercell takes many minutes; name it to include it; static lattice, the
-config's sampling, slices of a/2 as the generator uses): the label map
-(``projected_potential``, (1, H, W) V*Å) and the potential summed over each slice's
+config's sampling, the generator's slices): the label map (``projected_potential`` over
+the whole periodic cell on the config's output grid, (1, H, W) V*Å) and the potential summed over each slice's
 area (S,) V*Å³ -- the per-slice totals show which slice every atom went to. Run once per
 stack (abTEM 1.0.9 in .venv, 1.0.11 in .venv-modern); tests/test_abtem_versions.py
 compares the installed abTEM against the stored file of the other version.
@@ -17,7 +17,7 @@ import abtem
 import numpy as np
 
 from simulation import multislice
-from simulation.generator import draw_specimen
+from simulation.generator import draw_specimen, slice_thickness_ang
 from stemnet.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,8 +28,9 @@ SLOW = ("paper",)  # ~0.7 M atoms per sample
 def potentials(config_path: Path, index: int):
     cfg = load_config(config_path, require=("simulation",)).simulation
     specimen, _ = draw_specimen(cfg, index)
-    slice_ang = specimen.params["a"] / 2
-    fov = ((0.0, 0.0), (cfg.fov_ang, cfg.fov_ang))
+    slice_ang = slice_thickness_ang(specimen)
+    cell = np.diag(specimen.atoms.cell.array)
+    fov = ((0.0, 0.0), (float(cell[0]), float(cell[1])))  # the whole periodic cell
     label = multislice.projected_potential(specimen.atoms.copy(), shape=cfg.output_shape, fov_ang=fov,
                                            sampling_ang=cfg.sampling_ang, slice_thickness_ang=slice_ang)
     built = multislice.build_potential(specimen.atoms.copy(), sampling_ang=cfg.sampling_ang,

@@ -7,6 +7,7 @@ A backend owns the processes and the collectives the loop needs:
 - ``run(fn, *args)``: call ``fn`` where gradients are reduced (MWMS: one replica per worker);
 - ``gradients(tape, objective, variables, groups)``: the gradients averaged over the ranks,
   one collective per group, issued in the groups' (backprop) order;
+- ``averages``: True when ``gradients`` averages (False for Horovod's Adasum);
 - ``apply_options``: extra ``apply_gradients`` keywords (MWMS: the optimizer must not
   aggregate again);
 - ``all_sum(tensor, name)``: a tensor summed over the ranks, inside ``run`` (in the step);
@@ -39,6 +40,7 @@ class Backend:
     rank = 0
     size = 1
     collective_reads = False
+    averages = True  # gradients(...) returns the mean over the ranks (False: Horovod's Adasum)
     apply_options: Dict[str, object] = {}
 
     def scope(self):
@@ -61,6 +63,35 @@ class Backend:
 
     def barrier(self) -> None:
         raise NotImplementedError
+
+
+class LocalBackend(Backend):
+    """One process, no collectives (benchmarks and tools that train without a launcher)."""
+
+    name = "local"
+
+    def scope(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def run(self, fn, *args):
+        return fn(*args)
+
+    def gradients(self, tape, objective, variables, groups):
+        return tape.gradient(objective, variables)
+
+    def all_sum(self, tensor, name: str):
+        return tensor
+
+    def broadcast(self, variables) -> None:
+        pass
+
+    def mean(self, values):
+        return dict(values)
+
+    def barrier(self) -> None:
+        pass
 
 
 def horovod_available() -> bool:
@@ -87,6 +118,10 @@ def init_backend(cfg: DistributedConfig) -> Backend:
         from stemnet.distributed.backends.horovod import HorovodBackend
 
         return HorovodBackend(cfg)
+    from stemnet.distributed.tfconfig import tf_config_from_environment
+
+    if "TF_CONFIG" not in os.environ and tf_config_from_environment() is None:
+        return LocalBackend()  # MWMS with a single worker is one process: no strategy needed
     from stemnet.distributed.backends.mwms import MWMSBackend
 
     return MWMSBackend(cfg)

@@ -20,6 +20,7 @@ class HorovodBackend(Backend):
     def __init__(self, cfg: DistributedConfig):
         self.hvd = hvd = init_horovod(cfg)
         self.rank, self.size = hvd.rank(), hvd.size()
+        self.averages = cfg.op == "average"
         self.tape_options = dict(
             compression=hvd.Compression.fp16 if cfg.compression == "fp16" else hvd.Compression.none,
             op=hvd.Adasum if cfg.op == "adasum" else hvd.Average,

@@ -5,7 +5,7 @@ Formats (by file extension)
 =====================  ===============================================================
 ``.dm3``, ``.dm4``     Gatan DigitalMicrograph (``rsciio.digitalmicrograph``)
 ``.emd``               Velox (FEI/Thermo Fisher) and Berkeley/NCEM EMD (``rsciio.emd``;
-                       Velox files are read with ``select_type="image"``)
+                       Velox files are read with ``select_type="images"``)
 ``.hspy``, ``.hdf5``   HyperSpy HDF5 (``rsciio.hspy``); a file in any other HDF5 layout
                        needs ``dataset=``
 ``.h5``, ``.hdf``      plain HDF5: ``dataset="/path/in/file"`` (HyperSpy layout is
@@ -257,7 +257,7 @@ def read_images(path, dataset: Optional[str] = None) -> List[Image]:
         if kind == "emd":
             from rsciio.emd import file_reader
 
-            return _from_signal_dicts(file_reader(str(path), select_type="image"), path)
+            return _from_signal_dicts(file_reader(str(path), select_type="images"), path)
         if kind in ("hspy", "hdf5"):
             if not _is_hspy(path):
                 listing = ", ".join(_hdf5_candidates(path)[:8]) or "none with 2 or 3 dimensions"
@@ -317,8 +317,12 @@ def pick_channels(images: Sequence[Image], channels: Sequence[str], where: str) 
     n = len(channels)
     if len(images) == 1 and n == 1:
         return list(images)
-    if n > 1 and len(images) == n and all(im.stacked for im in images):
-        return list(images)
+    if len(images) > 1 and all(im.stacked for im in images):
+        if len(images) == n:
+            return list(images)
+        raise UserError(f"{where}: a 3-D stack of {len(images)} images; the run expects "
+                        + (f"a 2-D image for its one channel {list(channels)}" if n == 1 else
+                           f"{n} planes (C, H, W) in the order {list(channels)}"))
     picked = []
     for channel in channels:
         found = match_title(images, channel)

@@ -1,0 +1,94 @@
+"""The scaling model checked: calibration on this machine (2 Gloo ranks) and published points."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stemnet.distributed.calibrate import calibrate, fit_alpha_beta
+from stemnet.distributed.validate import SCALING_DIR, load_point, validate_point, validate_published
+from stemnet.errors import UserError
+from stemnet.hpc.machines import load_network
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_alpha_beta_fit_recovers_a_line():
+    alpha, beta = 300e-6, 1 / 2e9  # 300 us + S / (2 GB/s)
+    points = [{"bytes": s, "seconds": alpha + beta * s} for s in (4096, 65536, 1 << 20, 16 << 20)]
+    fit = fit_alpha_beta(points)
+    assert fit["alpha_s"] == pytest.approx(alpha, rel=1e-6)
+    assert fit["beta_s_per_byte"] == pytest.approx(beta, rel=1e-6)
+    assert fit["max_relative_misfit"] < 1e-9
+
+
+def test_every_published_point_is_priced_and_printed():
+    result = validate_published()
+    names = [r["name"] for r in result["points"]]
+    assert len(names) == len(list(SCALING_DIR.glob("*.yaml"))) == 5
+    for row in result["points"]:
+        assert 0 < row["model"] <= 1 and row["points_off"] == pytest.approx(100 * (row["model"] - row["published"]))
+        assert row["step_n_s"] >= row["step_1_s"]
+    out = subprocess.run([sys.executable, "-m", "stemnet.cli", "scaling", "--validate"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "VGG-16 (Horovod, 512 P100)" in out.stdout and "within 3 points of the paper" in out.stdout
+
+
+def test_vgg16_model_efficiency_follows_the_interconnect(tmp_path):
+    """Halving the inter-node bandwidth can only lower the predicted efficiency (it is read)."""
+    path = SCALING_DIR / "horovod-vgg16.yaml"
+    base = validate_point(load_point(path), path)["model"]
+    data = yaml.safe_load((SCALING_DIR / "machines/horovod-p100.yaml").read_text())
+    data["network"]["inter_node"]["bandwidth_gbs"] /= 8
+    (tmp_path / "machines").mkdir()
+    (tmp_path / "machines/horovod-p100.yaml").write_text(yaml.safe_dump(data))
+    slow = tmp_path / "vgg.yaml"
+    slow.write_text(path.read_text())
+    assert validate_point(load_point(slow), slow)["model"] < base
+
+
+def test_a_figure_without_a_source_is_refused(tmp_path):
+    data = yaml.safe_load((SCALING_DIR / "horovod-resnet101.yaml").read_text())
+    del data["published"]["sources"]["params"]
+    path = tmp_path / "point.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match=r"point.yaml: published.params: no source; expected an entry in sources"):
+        load_point(path)
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+def test_calibration_runs_two_gloo_ranks_and_writes_a_profile(tmp_path):
+    out = tmp_path / "local-calibrated.yaml"
+    result = calibrate(REPO / "configs/training/tiny.yaml", "local", input_shape=(16, 16, 2), batch=4, steps=3,
+                       sizes=(4096, 1 << 20, 4 << 20), repeats=3, probes=3, strategies=("none", "graph"), write=out)
+    assert [p["bytes"] for p in result["allreduce"]] == [4096, 1 << 20, 4 << 20]
+    assert result["allreduce"][-1]["seconds"] > result["allreduce"][0]["seconds"]  # bigger messages take longer
+    net = load_network(out)  # the written profile loads, with the fitted figures in it
+    assert net.allreduce_overhead_us == pytest.approx(result["fit"]["alpha_s"] * 1e6)
+    assert net.intra_node.bandwidth_gbs == pytest.approx(1 / result["fit"]["beta_s_per_byte"] / 1e9)
+    assert net.calibration["by"] == "stemnet scaling --calibrate"
+    for s in ("none", "graph"):
+        r = result["strategies"][s]
+        assert r["measured_step_s"] > 0 and r["predicted_step_s"] > 0
+        assert r["error"] == pytest.approx(r["predicted_step_s"] / r["measured_step_s"] - 1)
+
+
+def test_flat_ring_is_one_ring_through_every_gpu():
+    """algorithm: flat -- 2(N-1) steps at the inter-node latency, bytes at the slowest link."""
+    from stemnet.distributed.scaling import allreduce_seconds
+    from stemnet.hpc.machines import Network
+
+    net = Network.model_validate({
+        "gpus_per_node": 4, "peak_tflops": {"float32": 1.0}, "compute_efficiency": 1.0,
+        "memory_bandwidth_gbs": 100.0, "intra_node": {"bandwidth_gbs": 12.0, "latency_us": 1.0},
+        "inter_node": {"bandwidth_gbs": 3.0, "latency_us": 5.0, "algorithm": "flat"}})
+    n, size = 512, 100e6
+    expected = 2 * (n - 1) * 5e-6 + 2 * (n - 1) / n * size / 3e9
+    assert allreduce_seconds(size, n, net) == pytest.approx(expected)
+    # latency-bound: 1,022 steps of 5 us against a tree's 2 x 7 across 128 nodes
+    assert allreduce_seconds(1e3, n, net) > 5e-3 > 10 * allreduce_seconds(1e3, n, net, algorithm="tree")
+    assert allreduce_seconds(size, 4, net) == pytest.approx(2 * 3 * 1e-6 + 2 * 3 / 4 * size / 12e9)  # one node
