@@ -51,7 +51,7 @@ def make_micrograph(out: Path, *, cells: int = 4, thickness_cells: int = 4, pixe
                                                sampling_ang=sampling_ang, slice_thickness_ang=MATERIAL.a / 2)
     displacement, columns = column_maps(find_columns(specimen), cell_ang=(size, size), fov_ang=size,
                                         shape=(pixels, pixels), sigma_ang=sigma_ang)
-    _save(out, detectors, noisy, pixel, energy_ev=200e3, convergence_mrad=20.0)
+    save_images(out, detectors, noisy, pixel, energy_ev=200e3, convergence_mrad=20.0)
     description = {"material": MATERIAL.name, "a_ang": MATERIAL.a, "cells": cells, "thickness_cells": thickness_cells,
                    "pixel_size_ang": pixel, "pixels": pixels, "dose_e_per_ang2": dose_e_per_ang2,
                    "detectors_mrad": {k: list(v) for k, v in detectors.items()}, **{k: v for k, v in SPECIMEN.items()}}
@@ -122,14 +122,14 @@ def make_realistic_micrograph(out: Path, *, pixels: int = 288, pixel_size_ang: f
                    "detectors_mrad": {k: list(v) for k, v in detectors.items()}, "focal_points": focal_points,
                    "flyback_decay_px": flyback_decay_px, "seed": seed, "imperfections": draws,
                    **{k: v for k, v in specimen.items()}}
-    _save(out, detectors, images, pixel_size_ang, energy_ev=energy_ev, convergence_mrad=convergence_mrad)
+    save_images(out, detectors, images, pixel_size_ang, energy_ev=energy_ev, convergence_mrad=convergence_mrad)
     np.savez_compressed(out / "truth.npz", potential=potential, displacement=displacement, columns=columns,
                         tilt=tilt, positions_ang=positions.astype(np.float32),
                         noiseless=noiseless.astype(np.float32), description=json.dumps(description))
     return description
 
 
-def _save(out: Path, detectors, images, pixel_ang: float, *, energy_ev=None, convergence_mrad=None) -> None:
+def save_images(out: Path, detectors, images, pixel_ang: float, *, energy_ev=None, convergence_mrad=None) -> None:
     """One HyperSpy file per detector, axes calibrated in nm; the beam energy (keV) and
     convergence semi-angle (mrad) in ``Acquisition_instrument.TEM`` when given."""
     import rsciio.hspy

@@ -234,7 +234,8 @@ class SimulationConfig(Section):
             )
         name = min(self.specimen.materials, key=lambda m: self.materials[m].a)
         width = self.specimen.cells * self.materials[name].a
-        if self.fov_ang > width:
+        # STEM images are summed as Fourier series of the periodic cell: any field of view
+        if self.fov_ang > width and self.mode != "stem":
             raise ValueError(
                 f"fov_ang: field of view {self.fov_ang:g} Å is larger than the specimen "
                 f"({self.specimen.cells} cells of {name} = {width:.2f} Å); expected fov_ang <= {width:.2f}"

@@ -14,11 +14,13 @@ def finite_positive(value):
 
 
 def test_bench_simulate_reports_both_ratios():
-    result = bench_simulate(TINY_SIMULATION, samples=1, naive_grid=(1, 1))
-    for key in ("ratio_vs_fft_floor", "ratio_vs_naive_abtem", "generator_patterns_per_s"):
+    result = bench_simulate(TINY_SIMULATION, samples=1, naive_grid=(1, 1), direct_pixel_ang=0.2)
+    for key in ("ratio_vs_fft_floor", "ratio_vs_naive_abtem", "generator_patterns_per_s", "ratio_nyquist_vs_direct"):
         assert finite_positive(result[key]), key
     assert result["ratio_vs_fft_floor"] == pytest.approx(
         result["generator_patterns_per_s"] / result["fft_floor_patterns_per_s"])
+    # the interpolated Nyquist scan equals the direct 0.2 Å scan (band-limited images)
+    assert result["nyquist_vs_direct_rms_rel"] < 1e-3 and result["nyquist_vs_direct_pixels"] == [20, 20]
 
 
 def test_bench_train_reports_both_ratios(tiny_dataset):

@@ -14,8 +14,6 @@ import json
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 
 def measure(model_config: str, input_shape, batch: int, steps: int, strategies, quiet: bool = False,
             backend: str = "auto") -> list:
@@ -70,6 +68,7 @@ def measure(model_config: str, input_shape, batch: int, steps: int, strategies, 
 
 
 def main(argv=None) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads; only when run as a program
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--input-shape", default="16,16,2")

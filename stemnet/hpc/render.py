@@ -27,8 +27,9 @@ from stemnet.errors import UserError
 from stemnet.hpc import TASKS
 from stemnet.hpc.machines import Machine, format_walltime, load_machine, parse_walltime
 from stemnet.ranks import RANK_VARIABLES
+from stemnet.shipped import shipped_dir
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "jobs"
+TEMPLATES_DIR = shipped_dir("jobs")  # package data in a wheel, jobs/ in a checkout
 SECTIONS_NEEDED = {"simulate": ("simulation",), "train": ("model", "train")}
 JOB_ID_VARIABLE = {"lsf": "$LSB_JOBID", "slurm": "$SLURM_JOB_ID", "local": "$$"}
 
