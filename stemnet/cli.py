@@ -6,6 +6,7 @@ need them, so ``stemnet --help`` and config work stay fast.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
@@ -59,12 +60,20 @@ def collect_info() -> dict:
     try:
         import tensorflow as tf
 
-        info["keras"] = _version("keras")
+        # the Keras that tf.keras is: tf_keras on the modern stack (Keras 3 is installed but unused)
+        info["keras"] = _version("tf_keras") + " (tf_keras)" if "tf_keras" in tf.keras.__name__ else _version("keras")
         gpus = tf.config.list_physical_devices("GPU")
         info["gpus"] = str(len(gpus))
     except Exception:
         info["keras"] = "not available"
         info["gpus"] = "unknown"
+    from stemnet.distributed.backends import horovod_available, resolve_backend
+
+    modern = importlib.util.find_spec("tf_keras") is not None
+    info["stack"] = ("modern (TensorFlow >= 2.16 + tf_keras, numpy 2, abTEM 1.0.11)" if modern
+                     else "pinned (TensorFlow 2.15 + Horovod 0.28.1, numpy 1.26, abTEM 1.0.9)")
+    info["backend"] = f"{resolve_backend('auto')} (distributed.backend: auto; horovod, mwms: " \
+                      f"{'both' if horovod_available() else 'mwms only'})"
     info["horovod"] = _version("horovod")
     try:
         import horovod.tensorflow as hvd
@@ -102,7 +111,7 @@ def collect_info() -> dict:
 
 @cli.command()
 def info() -> None:
-    """Versions of the stack, how Horovod was built, CPUs, GPU and bf16 support."""
+    """Versions of the stack, the distributed backend, how Horovod was built, CPUs, GPU and bf16."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     data = collect_info()
     width = max(len(k) for k in data)
@@ -598,12 +607,14 @@ def bench_train_cmd(data_dir, config_file, json_path) -> None:
 @click.option("--config", "config_file", type=ConfigFile("training"),
               help="Training config  [default: shipped training/demo].")
 @click.option("--input-shape", callback=_shape_option(3), metavar="H,W,C", default="16,16,2", show_default=True)
+@click.option("--backend", "backends", type=click.Choice(["horovod", "mwms"]), multiple=True,
+              help="Backend(s) to measure, side by side  [default: every installed one].")
 @JSON_OPTION
-def bench_grouping_cmd(config_file, input_shape, json_path) -> None:
-    """2 ranks over Gloo: step time per grouping strategy vs none; 2 ranks vs 1."""
+def bench_grouping_cmd(config_file, input_shape, backends, json_path) -> None:
+    """2 ranks (Horovod/Gloo, MWMS/gRPC): step time per grouping strategy vs none; 2 ranks vs 1."""
     from stemnet.bench import bench_grouping
 
-    _print_ratios(bench_grouping(config_file, input_shape), json_path)
+    _print_ratios(bench_grouping(config_file, input_shape, backends=list(backends) or None), json_path)
 
 
 @bench.command("sim2real")
@@ -646,6 +657,11 @@ def demo(root, tiny, workers, no_progress) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+from stemnet.distributed.launch import launch_command  # noqa: E402
+
+cli.add_command(launch_command)
+
+
 def main(argv=None) -> int:
     """Entry point: one-line errors for bad input, exit codes 0 / 1 / 2."""
     try:
