@@ -6,6 +6,7 @@ need them, so ``stemnet --help`` and config work stay fast.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
@@ -16,6 +17,7 @@ import click
 from stemnet import __version__
 from stemnet.errors import UserError
 from stemnet.log import setup_logging
+from stemnet.shipped import ConfigFile
 
 OVERRIDE_HELP = "Override a config value, e.g. -o train.batch_size=8 (repeatable)."
 
@@ -58,12 +60,20 @@ def collect_info() -> dict:
     try:
         import tensorflow as tf
 
-        info["keras"] = _version("keras")
+        # the Keras that tf.keras is: tf_keras on the modern stack (Keras 3 is installed but unused)
+        info["keras"] = _version("tf_keras") + " (tf_keras)" if "tf_keras" in tf.keras.__name__ else _version("keras")
         gpus = tf.config.list_physical_devices("GPU")
         info["gpus"] = str(len(gpus))
     except Exception:
         info["keras"] = "not available"
         info["gpus"] = "unknown"
+    from stemnet.distributed.backends import horovod_available, resolve_backend
+
+    modern = importlib.util.find_spec("tf_keras") is not None
+    info["stack"] = ("modern (TensorFlow >= 2.16 + tf_keras, numpy 2, abTEM 1.0.11)" if modern
+                     else "pinned (TensorFlow 2.15 + Horovod 0.28.1, numpy 1.26, abTEM 1.0.9)")
+    info["backend"] = f"{resolve_backend('auto')} (distributed.backend: auto; horovod, mwms: " \
+                      f"{'both' if horovod_available() else 'mwms only'})"
     info["horovod"] = _version("horovod")
     try:
         import horovod.tensorflow as hvd
@@ -101,7 +111,7 @@ def collect_info() -> dict:
 
 @cli.command()
 def info() -> None:
-    """Versions of the stack, how Horovod was built, CPUs, GPU and bf16 support."""
+    """Versions of the stack, the distributed backend, how Horovod was built, CPUs, GPU and bf16."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     data = collect_info()
     width = max(len(k) for k in data)
@@ -112,11 +122,31 @@ def info() -> None:
 # --------------------------------------------------------------------------- config
 @cli.group()
 def config() -> None:
-    """Show or validate a configuration file."""
+    """Show, validate, list or copy configuration files (a FILE or a shipped NAME)."""
+
+
+@config.command("list")
+def config_list() -> None:
+    """The shipped configs by kind; use a NAME wherever a config file is asked for."""
+    from stemnet.shipped import shipped_configs, shipped_dir
+
+    click.echo(f"shipped configs in {shipped_dir('configs')}:")
+    for kind, names in shipped_configs().items():
+        click.echo(f"  {kind:<11} {' '.join(names)}")
+
+
+@config.command("copy")
+@click.argument("name")
+@click.argument("dest", type=click.Path(path_type=Path))
+def config_copy(name: str, dest: Path) -> None:
+    """Copy shipped config NAME (e.g. training/demo) to DEST (a file or a folder) to edit."""
+    from stemnet.shipped import copy_config
+
+    click.echo(f"copied {name} to {copy_config(name, dest)}")
 
 
 @config.command("show")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=ConfigFile())
 @click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 def config_show(file: Path, overrides: tuple) -> None:
     """Print FILE, resolved and validated, with overrides applied, as YAML."""
@@ -126,7 +156,7 @@ def config_show(file: Path, overrides: tuple) -> None:
 
 
 @config.command("validate")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=ConfigFile())
 @click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 def config_validate(file: Path, overrides: tuple) -> None:
     """Check FILE; print 'ok' and its sections, or a one-line error."""
@@ -189,7 +219,7 @@ def model() -> None:
 
 
 @model.command("summary")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=ConfigFile("model", "training"))
 @click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 @click.option("--input-shape", callback=_shape_option(3), metavar="H,W,C", default="32,32,16",
               show_default=True, help="One input sample, channels-last.")
@@ -207,8 +237,8 @@ def model_summary_cmd(file, overrides, input_shape, output_shape) -> None:
 
 # ------------------------------------------------------------------------- simulate
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Simulation config (a file with a 'simulation:' section).")
+@click.option("--config", "config_file", type=ConfigFile("simulation"),
+              help="Simulation config (a file with a 'simulation:' section, or a shipped name).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Dataset folder.")
 @click.option("-o", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -305,8 +335,8 @@ def stage_command(directory, dest, rank, world, splits):
 
 # ---------------------------------------------------------------------------- train
 @cli.command()
-@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Training config (model, train, data, distributed sections).")
+@click.option("--config", "config_file", required=True, type=ConfigFile("training"),
+              help="Training config (model, train, data, distributed sections), or a shipped name.")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Dataset folder written by `stemnet simulate`.")
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -362,7 +392,7 @@ def evaluate(run_dir, data_dir, split, json_path, plot_path) -> None:
 
 # ------------------------------------------------------------------------- scaling
 @cli.command()
-@click.option("--model", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--model", "config_file", type=ConfigFile("model", "training"),
               help="A config with a 'model:' section; a training config also gives batch, precision "
                    "and the distributed settings (group budgets, fusion, compression)  "
                    "[--calibrate: configs/training/demo.yaml].")
@@ -534,55 +564,57 @@ JSON_OPTION = click.option("--json", "json_path", type=click.Path(dir_okay=False
 
 
 @bench.command("simulate")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Simulation config (cbed mode)  [default: configs/simulation/bench.yaml].")
+@click.option("--config", "config_file", type=ConfigFile("simulation"),
+              help="Simulation config (cbed mode)  [default: shipped simulation/bench].")
 @JSON_OPTION
 def bench_simulate_cmd(config_file, json_path) -> None:
     """Generator CBED patterns/s vs a bare FFT multislice loop and naive abTEM."""
-    from stemnet.bench import REPO, bench_simulate
+    from stemnet.bench import bench_simulate
 
-    _print_ratios(bench_simulate(config_file or REPO / "configs/simulation/bench.yaml"), json_path)
+    _print_ratios(bench_simulate(config_file), json_path)
 
 
 @bench.command("data")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Training config  [default: configs/training/demo.yaml].")
+@click.option("--config", "config_file", type=ConfigFile("training"),
+              help="Training config  [default: shipped training/demo].")
 @click.option("--large/--no-large", default=True, show_default=True,
               help="Also measure a synthetic dataset of 315 KB records (bench.yaml shapes).")
 @JSON_OPTION
 def bench_data_cmd(data_dir, config_file, large, json_path) -> None:
     """Input pipeline samples/s vs raw LMDB, h5py, and the training step (page cache and disk)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from stemnet.bench import REPO, bench_data_pipeline
+    from stemnet.bench import bench_data_pipeline
 
-    _print_ratios(bench_data_pipeline(data_dir, config_file or REPO / "configs/training/demo.yaml",
+    _print_ratios(bench_data_pipeline(data_dir, config_file,
                                       large=large), json_path)
 
 
 @bench.command("train")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Training config  [default: configs/training/demo.yaml].")
+@click.option("--config", "config_file", type=ConfigFile("training"),
+              help="Training config  [default: shipped training/demo].")
 @JSON_OPTION
 def bench_train_cmd(data_dir, config_file, json_path) -> None:
     """Our training step vs Keras model.fit, and mixed_bfloat16 vs float32."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from stemnet.bench import REPO, bench_train
+    from stemnet.bench import bench_train
 
-    _print_ratios(bench_train(data_dir, config_file or REPO / "configs/training/demo.yaml"), json_path)
+    _print_ratios(bench_train(data_dir, config_file), json_path)
 
 
 @bench.command("grouping")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Training config  [default: configs/training/demo.yaml].")
+@click.option("--config", "config_file", type=ConfigFile("training"),
+              help="Training config  [default: shipped training/demo].")
 @click.option("--input-shape", callback=_shape_option(3), metavar="H,W,C", default="16,16,2", show_default=True)
+@click.option("--backend", "backends", type=click.Choice(["horovod", "mwms"]), multiple=True,
+              help="Backend(s) to measure, side by side  [default: every installed one].")
 @JSON_OPTION
-def bench_grouping_cmd(config_file, input_shape, json_path) -> None:
-    """2 ranks over Gloo: step time per grouping strategy vs none; 2 ranks vs 1."""
-    from stemnet.bench import REPO, bench_grouping
+def bench_grouping_cmd(config_file, input_shape, backends, json_path) -> None:
+    """2 ranks (Horovod/Gloo, MWMS/gRPC): step time per grouping strategy vs none; 2 ranks vs 1."""
+    from stemnet.bench import bench_grouping
 
-    _print_ratios(bench_grouping(config_file or REPO / "configs/training/demo.yaml", input_shape), json_path)
+    _print_ratios(bench_grouping(config_file, input_shape, backends=list(backends) or None), json_path)
 
 
 @bench.command("sim2real")
@@ -625,6 +657,11 @@ def demo(root, tiny, workers, no_progress) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+from stemnet.distributed.launch import launch_command  # noqa: E402
+
+cli.add_command(launch_command)
+
+
 def main(argv=None) -> int:
     """Entry point: one-line errors for bad input, exit codes 0 / 1 / 2."""
     try:

@@ -305,8 +305,13 @@ GROUPING_PATTERN = re.compile(r"^(none|layer|graph|count:[1-9][0-9]*)$")
 
 
 class DistributedConfig(Section):
-    """Horovod: gradient grouping, compression, and the knobs set before ``hvd.init()``."""
+    """The backend (auto, horovod, mwms), gradient grouping, compression, Horovod's knobs.
 
+    ``fusion_threshold_mib`` is Horovod's fusion buffer, and under ``mwms`` the pack size
+    of the ``none`` strategy (TensorFlow's ``bytes_per_pack``).
+    """
+
+    backend: Literal["auto", "horovod", "mwms"] = "auto"
     grouping: str = "graph"
     group_bytes_mib: PositiveFloat = 16.0
     first_group_bytes_mib: PositiveFloat = 1.0

@@ -14,22 +14,23 @@ from pathlib import Path
 import numpy as np
 
 from stemnet.log import get_logger
+from stemnet.shipped import shipped_config, shipped_dir
 
 log = get_logger("demo")
 REPO = Path(__file__).resolve().parents[1]
-MICROGRAPH = REPO / "demo" / "micrograph"
+MICROGRAPH = shipped_dir("micrograph")  # the shipped HAADF/ABF pair with its truth
 
 
 def _configs(tiny: bool):
     from stemnet.config import load_config
 
     if tiny:
-        sim = load_config(REPO / "configs/simulation/tiny_stem.yaml", require=("simulation",)).simulation
-        train = load_config(REPO / "configs/training/tiny.yaml", ["train.steps=60", "train.val_every=30"],
+        sim = load_config(shipped_config("simulation/tiny_stem"), require=("simulation",)).simulation
+        train = load_config(shipped_config("training/tiny"), ["train.steps=60", "train.val_every=30"],
                             require=("model", "train"))
     else:
-        sim = load_config(REPO / "configs/simulation/demo.yaml", require=("simulation",)).simulation
-        train = load_config(REPO / "configs/training/demo.yaml", require=("model", "train"))
+        sim = load_config(shipped_config("simulation/demo"), require=("simulation",)).simulation
+        train = load_config(shipped_config("training/demo"), require=("model", "train"))
     return sim, train
 
 

@@ -1,4 +1,4 @@
-"""Which rank am I, out of how many: from Horovod if initialised, else the launcher."""
+"""Which rank am I, out of how many: from Horovod if initialised, else the launcher (or TF_CONFIG)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,11 @@ def launcher_rank(environ: Mapping[str, str] | None = None) -> RankInfo:
         if not 0 <= rank < world:
             raise ValueError(f"{rank_var}={rank} with {size_var}={world}: expected 0 <= rank < size")
         return RankInfo(rank, world, rank_var)
+    from stemnet.distributed.tfconfig import tf_config_task  # `stemnet launch` sets only TF_CONFIG
+
+    task = tf_config_task(env)
+    if task is not None:
+        return RankInfo(task["rank"], task["world"], "TF_CONFIG")
     return RankInfo(0, 1, "default")
 
 

@@ -54,3 +54,34 @@ def tiny_dataset(tmp_path_factory, tiny_config):
     out = tmp_path_factory.mktemp("tiny") / "data"
     generate(tiny_config, out, progress=False)
     return out
+
+
+_DESELECTED = []  # horovod-marked tests left out of this session
+HOROVOD_ABSENT = "Horovod is not installed: the modern stack (TensorFlow >= 2.16) has none; its tests run on the pinned stack"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect (not skip) the `horovod` tests where Horovod cannot exist, and say so."""
+    from stemnet.distributed.backends import horovod_available
+
+    if horovod_available():
+        return
+    dropped = [item for item in items if item.get_closest_marker("horovod")]
+    if dropped:
+        items[:] = [item for item in items if not item.get_closest_marker("horovod")]
+        config.hook.pytest_deselected(items=dropped)
+        _DESELECTED.extend(item.nodeid for item in dropped)
+
+
+def pytest_report_header(config):
+    from stemnet.distributed.backends import horovod_available
+
+    import numpy
+
+    stack = "pinned (Horovod)" if horovod_available() else "modern (no Horovod)"
+    return f"stemnet stack: {stack}, numpy {numpy.__version__}"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if _DESELECTED:
+        terminalreporter.write_line(f"{len(_DESELECTED)} horovod-marked tests deselected: {HOROVOD_ABSENT}")

@@ -32,10 +32,20 @@ def test_bench_train_reports_both_ratios(tiny_dataset):
 @pytest.mark.slow
 @pytest.mark.horovod
 def test_bench_grouping_runs_two_ranks():
-    result = bench_grouping(REPO / "configs/training/tiny.yaml", (16, 16, 2), batch=4, steps=2)
+    result = bench_grouping(REPO / "configs/training/tiny.yaml", (16, 16, 2), batch=4, steps=2, backends=["horovod"])
     assert result["np2"]["graph"]["world"] == 2 and result["np1"]["none"]["world"] == 1
     for key in ("ratio_count4_vs_none", "ratio_layer_vs_none", "ratio_graph_vs_none", "efficiency_np2"):
         assert finite_positive(result[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.mwms
+def test_bench_grouping_runs_two_mwms_workers():
+    result = bench_grouping(REPO / "configs/training/tiny.yaml", (16, 16, 2), batch=4, steps=2, backends=["mwms"])
+    assert result["mwms_np2"]["graph"]["world"] == 2 and result["mwms_np2"]["graph"]["backend"] == "mwms"
+    assert result["mwms_np1"]["none"]["world"] == 1
+    for key in ("ratio_count4_vs_none", "ratio_layer_vs_none", "ratio_graph_vs_none", "efficiency_np2"):
+        assert finite_positive(result["mwms_" + key]), key
 
 
 def test_synthetic_dataset_has_the_config_shapes_and_verifies(tmp_path):

@@ -60,12 +60,34 @@ def test_bad_arguments_give_one_line(capsys, argv, fragment):
     assert err.count("\n") == 1 and fragment in err and err.startswith("error: ")
 
 
-def test_info_reports_horovod_build():
-    """`stemnet info` in a fresh process: TensorFlow 2.15 and Horovod built with TF + Gloo."""
+def _info_fields():
     proc = subprocess.run(STEMNET + ["info"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     fields = dict(line.split(":", 1) for line in proc.stdout.splitlines())
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return {k.strip(): v.strip() for k, v in fields.items()}
+
+
+def test_info_reports_the_stack_and_backend():
+    """`stemnet info` names the installed stack and the backend `auto` picks here."""
+    import importlib.util
+
+    import numpy
+
+    fields = _info_fields()
+    if importlib.util.find_spec("horovod") is not None:
+        assert fields["stack"].startswith("pinned") and fields["backend"].startswith("horovod")
+        assert numpy.__version__ < "2" and fields["abtem"] == "1.0.9"
+    else:
+        assert fields["stack"].startswith("modern") and fields["backend"].startswith("mwms (")
+        assert numpy.__version__ >= "2" and fields["abtem"] == "1.0.11"
+        assert int(fields["tensorflow"].split(".")[1]) >= 16 and fields["keras"].startswith("2.")
+    assert fields["numpy"] == numpy.__version__
+
+
+@pytest.mark.horovod
+def test_info_reports_horovod_build():
+    """`stemnet info` in a fresh process: TensorFlow 2.15 and Horovod built with TF + Gloo."""
+    fields = _info_fields()
     assert fields["tensorflow"] == "2.15.1"
     assert fields["keras"].startswith("2.15")
     assert fields["horovod"] == "0.28.1"

@@ -444,7 +444,11 @@ def test_lsf_training_script_runs_every_step(tmp_path, tiny_dataset, stand_ins):
             f"--out {run} --no-progress [rank=0]") in calls
     # staging before training, both for real: the staged copy verifies, the run finished
     assert max(i for i, c in enumerate(calls) if "stage" in c) < min(i for i, c in enumerate(calls) if " train " in c)
-    verify(stage / "rank0")
+    staged = stage / "rank0"  # the one rank's copy: the train and val shards (stage's default), not test
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (staged / split).glob("shard-*.lmdb")) == sorted(
+            p.name for p in (tiny_dataset / split).glob("shard-*.lmdb"))
+    assert not (staged / "test").exists() and (staged / "manifest.json").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["finished"] and summary["steps"] == load_config(TRAINING).train.steps
     # node-local outputs copied back to the run folder
@@ -527,3 +531,19 @@ def test_activation_needs_a_virtual_environment(tmp_path, dataset, monkeypatch):
     monkeypatch.setattr(render.sys, "prefix", str(tmp_path / "not-a-venv"))
     with pytest.raises(UserError, match=r"--machine summit: its activate line uses \{venv\}, but .*not-a-venv"):
         jobs.submit("train", **train_job(dataset, tmp_path / "run"), dry_run=True)
+
+
+@pytest.mark.parametrize("machine,backend", [("frontier", "mwms"), ("perlmutter", "mwms"), ("summit", "auto")])
+def test_machine_profile_chooses_the_training_backend(tmp_path, dataset, machine, backend):
+    """Frontier/Perlmutter profiles say `backend: mwms`: the frozen config trains on MWMS and
+    the script sets no Horovod variables; Summit keeps the install's default (Horovod)."""
+    sub = jobs.submit("train", **train_job(dataset, tmp_path / "run", machine=machine), dry_run=True)
+    frozen = load_config(sub.script.with_suffix(".yaml"), require=("model", "train"))
+    assert frozen.distributed.backend == backend
+    assert ("HOROVOD_CACHE_CAPACITY" in sub.text) == (backend != "mwms")
+    if backend == "mwms":
+        assert "TF_CONFIG" in sub.text
+    # a config that names its backend keeps it
+    kept = jobs.submit("train", **train_job(dataset, tmp_path / "run2", machine=machine),
+                       overrides=["distributed.backend=horovod"], dry_run=True)
+    assert load_config(kept.script.with_suffix(".yaml"), require=("model", "train")).distributed.backend == "horovod"

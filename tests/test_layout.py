@@ -53,3 +53,20 @@ def test_rot90_turns_vectors_counter_clockwise():
     assert out[0, 0, displacement_channel("B", "dy")] == -1.0 and out[0, 0, displacement_channel("B", "dx")] == 0
     np.testing.assert_array_equal(d4_array(np.arange(9).reshape(3, 3), (1, 1, 0)), np.rot90(np.arange(9).reshape(3, 3)))
     assert d4_inverse((1, 1, 0)) == (1, 0, 1)
+
+
+def test_no_module_under_stemnet_imports_simulation_or_abtem():
+    """The README's rule, checked: importing every stemnet module loads neither abTEM nor
+    ``simulation`` (the CLI imports them only inside the commands that simulate)."""
+    import subprocess
+    import sys
+
+    code = ("import pkgutil, sys, stemnet\n"
+            "for m in pkgutil.walk_packages(stemnet.__path__, 'stemnet.'):\n"
+            "    __import__(m.name)\n"
+            "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('abtem', 'simulation'))\n"
+            "print(len(list(pkgutil.walk_packages(stemnet.__path__, 'stemnet.'))), bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-1000:]
+    count, bad = out.stdout.split(" ", 1)
+    assert int(count) > 40 and bad.strip() == "[]"

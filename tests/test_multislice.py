@@ -1,4 +1,4 @@
-"""Physics and contract tests of simulation.multislice (abTEM 1.0.9).
+"""Physics and contract tests of simulation.multislice (abTEM 1.0.9 and 1.0.11).
 
 Specimens are tiny SrTiO3 [001] supercells built here with ase; grids are coarse so that
 the whole file runs in well under a minute on two cores.
@@ -105,7 +105,10 @@ def test_atom_lost_at_top_edge_is_detected():
     top = (1.0, 1.0, np.nextafter(c, 0))
     atoms = Atoms("Sr", positions=[top], cell=[A, A, c], pbc=True)
     potential = abtem.Potential(atoms, gpts=16, slice_thickness=(c / 7,) * 7)
-    with pytest.raises(RuntimeError, match="lost 1 of 1 atoms"):
+    if ms.ABTEM_MISSLICES:
+        with pytest.raises(RuntimeError, match="lost 1 of 1 atoms"):
+            ms._check_sliced(potential)
+    else:  # abTEM >= 1.0.10 wraps it to the bottom itself (abTEM PR #273)
         ms._check_sliced(potential)
     # the default offset of build_potential wraps it back to the bottom instead
     shifted = ms.build_potential(atoms, sampling_ang=0.4, slice_thickness_ang=c / 7)

@@ -675,3 +675,18 @@ def test_uncertainty_calibrated_on_validation(haadf_run, crystal, tmp_path):
         assert after.summary["spread_vs_validation"] > 0
     finally:
         (run / "uncertainty.json").unlink(missing_ok=True)  # the other tests use the uncalibrated run
+
+
+def test_tilt_transforms_as_an_axial_vector():
+    """Tilt angles (about x, y, z) under the 8 symmetries: rotations keep the tilt about z,
+    mirrors flip it; in-plane components turn with the vectors; each inverse undoes it."""
+    from stemnet.data import d4_vectors
+
+    t = np.array([1.0, 2.0, 3.0])
+    for g in R.D4:
+        det = (-1) ** sum(g)  # transpose and each mirror have det -1
+        moved = R.tilt_vectors(t, g)
+        assert moved[2] == det * 3.0, g
+        assert np.allclose(R.tilt_vectors(moved, R.d4_inverse(g)), t), g
+        d = d4_vectors(np.array([0, 0, 0, 1.0, 2.0, 0, 0, 0, 0]), g)[3:5]  # a polar (dx, dy)
+        assert np.allclose(moved[:2], det * d), g  # an axial vector turns like a polar one, times det

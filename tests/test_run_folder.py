@@ -90,11 +90,14 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning(three_checkpoints
     assert summary["steps"] == 9
 
 
-def test_malformed_state_file_falls_back_to_the_checkpoint_files(three_checkpoints, tiny_dataset, capsys):
+@pytest.mark.parametrize("text", ["model_checkpoint_path: \x00\x01 {{{ garbage\n", ""], ids=["garbage", "empty"])
+def test_malformed_state_file_falls_back_to_the_checkpoint_files(three_checkpoints, tiny_dataset, capsys, text):
+    """TF ignores an unparsable state file (the run would restart from scratch) and raises
+    ValueError on an empty one; both are rebuilt from the ckpt-* files, with a warning."""
     from stemnet.train.loop import train
 
     run = three_checkpoints
-    (run / "checkpoints" / "checkpoint").write_text("model_checkpoint_path: \x00\x01 {{{ garbage\n")
+    (run / "checkpoints" / "checkpoint").write_text(text)
     summary = train(_cfg(**{"train.steps": 14}), tiny_dataset, run, progress=False, max_steps=1)
     err = capsys.readouterr().err
     assert "unreadable checkpoint state file" in err and "rebuilt from the ckpt-* files" in err

@@ -36,8 +36,8 @@ class Mutant(NamedTuple):
 M = Mutant
 MUTANTS: List[Mutant] = [
     # --- the planted bugs of issue 13
-    M("glazer-tilt-sign", "step = 0.5 * a * math.tan(math.radians(tilts[axis]))",
-      "step = -0.5 * a * math.tan(math.radians(tilts[axis]))",
+    M("glazer-tilt-sign", "step = 0.5 * lattice[bond] * math.tan(math.radians(tilts[axis]))",
+      "step = -0.5 * lattice[bond] * math.tan(math.radians(tilts[axis]))",
       ("tests/test_structures.py", "tests/test_labels.py")),
     M("resume-ignores-data-position", "epoch=start_step // per_epoch, start_batch=start_step % per_epoch",
       "epoch=0, start_batch=0", ("tests/test_resume.py -k sigkill",)),
@@ -47,10 +47,10 @@ MUTANTS: List[Mutant] = [
       ("tests/test_evaluate.py",)),
     M("tilt-formula-doubled", "math.atan(2 * rms / float(a_ang[i]))", "math.atan(4 * rms / float(a_ang[i]))",
       ("tests/test_evaluate.py",)),
-    M("multi-rank-step-does-nothing", "opt.apply_gradients(zip(grads, variables))",
-      "opt.apply_gradients(zip([tf.zeros_like(g) for g in grads], variables))",
+    M("multi-rank-step-does-nothing", "            opt.apply_gradients(zip(grads, variables))\n            if ema",
+      "            opt.apply_gradients(zip([tf.zeros_like(g) for g in grads], variables))\n            if ema",
       ("tests/test_distributed.py -k concatenated",)),
-    M("cbed-binning-transposed", '"ai,pij,bj->pba"', '"ai,pij,bj->pab"', ("tests/test_multislice.py",)),
+    M("cbed-binning-transposed", '"ai,pij,bj->pba"', '"ai,pij,bj->pab"', ("tests/test_multislice.py -k pattern_centre_of_mass",)),
     # --- the defects fixed in issue 13, put back
     M("loss-per-rank-mean", 'global_mean = hcfg.op == "average"', "global_mean = False",
       ("tests/test_distributed.py -k padding",)),
@@ -127,7 +127,11 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", action="store_true", help="First check that the unmutated copy passes.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary copies.")
     args = parser.parse_args(argv)
-    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    by_name = {m.name: m for m in MUTANTS}
+    unknown = [n for n in args.only or [] if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutant {unknown[0]!r}; see --list")
+    mutants = [by_name[n] for n in args.only] if args.only else MUTANTS  # in the order asked
     if args.list:
         for m in mutants:
             print(f"{m.name:34s} {' '.join(m.tests)}")

@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def shipped(relative: str) -> Path:
     """A shipped config file, e.g. ``shipped("training/demo.yaml")``."""
-    return REPO / "configs" / relative
+    from stemnet.shipped import shipped_dir
+
+    return shipped_dir("configs") / relative
 
 
 def rate(fn, count: int, repeats: int = 3) -> float:

@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from stemnet.config import DistributedConfig, PositiveFloat, PositiveInt, validation_error
 from stemnet.errors import UserError
+from stemnet.shipped import shipped_dir
 
-SCALING_DIR = Path(__file__).resolve().parents[2] / "configs" / "scaling"
+SCALING_DIR = shipped_dir("configs") / "scaling"
 NEEDS_SOURCE = ("gpus", "published_efficiency", "params", "batch_per_gpu", "samples_per_s_per_gpu",
                 "machine", "backward_fraction", "layers", "grad_bytes_per_param", "strategy")
 

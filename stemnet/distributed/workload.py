@@ -160,20 +160,21 @@ def measure_workload(cfg: ModelConfig, input_shape: Sequence[int], output_shape:
         if result is not None:  # wait for the values: eager ops may still be running
             tf.nest.map_structure(lambda t: t.numpy(), result)
 
-    def timed(fn):
-        run(fn)  # trace + warm up
-        samples = []
+    def timed(fns: dict) -> dict:
+        """Median seconds per function, their calls interleaved round-robin, so that a
+        change of load on a shared host shifts them all alike (differences are taken)."""
+        for fn in fns.values():
+            run(fn)  # trace + warm up
+        samples = {key: [] for key in fns}
         for _ in range(max(1, repeats)):
-            start = time.perf_counter()
-            run(fn)
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
+            for key, fn in fns.items():
+                start = time.perf_counter()
+                run(fn)
+                samples[key].append(time.perf_counter() - start)
+        return {key: statistics.median(values) for key, values in samples.items()}
 
-    t_fwd = timed(forward)
-    t_fb = timed(forward_backward)
-    t_upd = timed(update)
-    backward = max(t_fb - t_fwd, 0.0)
-    ready = {len(rows) - 1: backward}  # layer index (backprop order) -> s after backprop starts
+    fns = {"forward": forward, "forward_backward": forward_backward, "update": update}
+    picks = []
     if probes > 1 and len(rows) > 1:
         owners = [owner for owner, _ in tape_order]
         picks = sorted({round((k + 1) * len(rows) / probes) - 1 for k in range(probes - 1)} - {len(rows) - 1})
@@ -186,7 +187,14 @@ def measure_workload(cfg: ModelConfig, input_shape: Sequence[int], output_shape:
                     loss = loss_of(model(x, training=True))
                 return tape.gradient(loss, subset)
 
-            ready[i] = max(timed(partial_backward) - t_fwd, 0.0)
+            fns[i] = partial_backward
+    times = timed(fns)
+    t_fwd, t_fb, t_upd = times["forward"], times["forward_backward"], times["update"]
+    backward = max(t_fb - t_fwd, 0.0)
+    ready = {len(rows) - 1: backward}  # layer index (backprop order) -> s after backprop starts
+    if picks:
+        for i in picks:
+            ready[i] = max(times[i] - t_fwd, 0.0)
         level = 0.0
         for i in sorted(ready):  # readiness cannot go backwards: noise is clipped
             level = ready[i] = min(max(ready[i], level), backward)

@@ -5,10 +5,11 @@ model), ``render`` (validated request -> batch script), ``submit`` (``stemnet su
 This module stays light (no pydantic): the CLI registers ``submit`` from it at start-up.
 """
 
-from pathlib import Path
 from typing import List
 
-MACHINES_DIR = Path(__file__).resolve().parents[2] / "configs" / "machines"
+from stemnet.shipped import shipped_dir
+
+MACHINES_DIR = shipped_dir("configs") / "machines"  # package data in a wheel, configs/ in a checkout
 TASKS = ("simulate", "train")
 
 

@@ -112,6 +112,9 @@ class Machine(BaseModel):
     activate: str = "source {venv}/bin/activate"
     staging_path: Optional[str] = None
     signal_minutes: PositiveInt = 10
+    # the training backend its jobs use: mwms where Horovod does not build (Frontier, ROCm 6),
+    # auto (the install's default) elsewhere; a config's own distributed.backend wins
+    backend: Literal["auto", "horovod", "mwms"] = "auto"
 
     @field_validator("max_walltime")
     @classmethod

@@ -27,8 +27,9 @@ from stemnet.errors import UserError
 from stemnet.hpc import TASKS
 from stemnet.hpc.machines import Machine, format_walltime, load_machine, parse_walltime
 from stemnet.ranks import RANK_VARIABLES
+from stemnet.shipped import shipped_dir
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "jobs"
+TEMPLATES_DIR = shipped_dir("jobs")  # package data in a wheel, jobs/ in a checkout
 SECTIONS_NEEDED = {"simulate": ("simulation",), "train": ("model", "train")}
 JOB_ID_VARIABLE = {"lsf": "$LSB_JOBID", "slurm": "$SLURM_JOB_ID", "local": "$$"}
 
@@ -171,6 +172,8 @@ def build_job(
         if not re.match(r"^[A-Za-z0-9_.-]+$", str(project)):
             raise UserError(f"--project {project}: expected letters, digits, '_', '.' or '-'")
     cfg = load_config(config, overrides, require=SECTIONS_NEEDED[task])
+    if task == "train" and m.backend != "auto" and cfg.distributed.backend == "auto":
+        cfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"backend": m.backend})})
     out_path = Path(out).expanduser().resolve()
     directive_path(out_path, "--out")
     data_path = None
@@ -248,7 +251,8 @@ def script_values(job: Job, config_file: Path, log_prefix: str) -> Dict[str, str
         paths["STEMNET_STAGE"] = _shell_value(f"{m.staging_path.rstrip('/')}/stemnet-$JOB_ID")
         paths["STEMNET_LOCAL_OUT"] = '"$STEMNET_STAGE/out"'
     paths["OMP_NUM_THREADS"] = str(m.cores_per_rank)
-    horovod = horovod_environment(job.config.distributed) if job.task == "train" else {}
+    mwms = job.task == "train" and job.config.distributed.backend == "mwms"
+    horovod = horovod_environment(job.config.distributed) if job.task == "train" and not mwms else {}
     env_lines = [f"export {k}={_shell_value(v)}" for k, v in m.env.items()]
     rank, size = f"${rank_var}", f"${size_var}"
     if staging:
@@ -288,7 +292,9 @@ def script_values(job: Job, config_file: Path, log_prefix: str) -> Dict[str, str
         "activate": m.activate.replace("{venv}", venv) or "# (no activation: stemnet is on PATH)",
         "paths": "\n".join(f"export {k}={v}" for k, v in paths.items()),
         "horovod_env": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in horovod.items())
-        or "# (no Horovod: simulation ranks do not communicate)",
+        or ("# (no Horovod: distributed.backend mwms; every rank builds TF_CONFIG from the launcher's "
+            "variables, ports from STEMNET_MWMS_PORT_BASE, default 12345)" if mwms
+            else "# (no Horovod: simulation ranks do not communicate)"),
         "launch": launch,
         "rank": rank,
         "world": size,

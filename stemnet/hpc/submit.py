@@ -158,8 +158,9 @@ def submit(task: str, *, dry_run: bool = False, run: Callable = subprocess.run, 
 @click.option("--nodes", type=int, required=True, help="Nodes per job.")
 @click.option("--walltime", metavar="HH:MM", help="Walltime per job (required except on local).")
 @click.option("--project", metavar="ID", help="Allocation to charge (LSF -P, Slurm -A).")
-@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Config: a 'simulation:' section to simulate; model/train/data/distributed to train.")
+@click.option("--config", "config_file", required=True, metavar="FILE|NAME",
+              help="Config: a 'simulation:' section to simulate; model/train/data/distributed to train "
+                   "(or a shipped name: `stemnet config list`).")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
               help="train: the dataset folder (on the shared file system).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -174,6 +175,9 @@ def submit_command(task, machine, nodes, walltime, project, config_file, data_di
 
     The script and the frozen config are saved in OUT/jobs/ either way.
     """
+    from stemnet.shipped import resolve_config
+
+    config_file = resolve_config(config_file, ("simulation",) if task == "simulate" else ("training",))
     sub = submit(task, machine=machine, nodes=nodes, walltime=walltime, project=project,
                  config=config_file, out=out, data=data_dir, overrides=overrides,
                  chain=chain, dry_run=dry_run)

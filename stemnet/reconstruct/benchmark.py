@@ -117,7 +117,7 @@ def bench_sim2real(run, data, *, samples: int = 2, pixel_ang: float = 0.1, min_p
     imperfections = dict(IMPERFECTIONS, **(imperfections or {}))
     name, mat = next(iter(info["materials"].items()))
     material = material_from_dict(name, mat)
-    cells = int(math.ceil(min_px * pixel_ang / material.a))
+    cells = 2 * int(math.ceil(min_px * pixel_ang / material.a / 2))  # even: a0a0c+ closes across the cell
     fov = cells * material.a
     thickness = int(max(sim["specimen"]["thickness_cells"])) + 1
     dose = 0.5 * float(sim.get("noise_dose_e_per_ang2") or 2e5)

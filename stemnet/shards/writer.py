@@ -319,14 +319,7 @@ class ShardWriter:
 
 
 def _is_disk_full(error: BaseException) -> bool:
-    if isinstance(error, lmdb.DiskError):
-        return True
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return True
-    return "No space left on device" in str(error)
-
-
-def _is_disk_full(error: BaseException) -> bool:
+    """Whether a write failed because the file system is full."""
     if isinstance(error, lmdb.DiskError):
         return True
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:

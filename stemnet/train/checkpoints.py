@@ -29,6 +29,10 @@ def on_disk(directory) -> List[str]:
     return [prefix for _, prefix in sorted(found)]
 
 
+def _number(prefix: str) -> int:
+    return int(Path(prefix).name.rsplit("-", 1)[1])
+
+
 def _committed(directory: Path) -> Optional[List[str]]:
     """The state file's checkpoints, oldest first; None when it is missing or malformed."""
     import tensorflow as tf
@@ -41,7 +45,9 @@ def _committed(directory: Path) -> Optional[List[str]]:
         log.warning("%s: unreadable checkpoint state file (%s); rebuilt from the ckpt-* files",
                     directory / STATE, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return None
-    if state is None or not state.model_checkpoint_path:
+    if state is None or not state.model_checkpoint_path:  # TF returns None for an unparsable file
+        log.warning("%s: unreadable checkpoint state file (no checkpoint path in it); rebuilt from the "
+                    "ckpt-* files", directory / STATE)
         return None
     paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
     return [str(directory / Path(p).name) for p in paths]
@@ -51,7 +57,8 @@ def open_manager(ckpt, directory, max_to_keep: int):
     """``tf.train.CheckpointManager`` on ``directory``, its state file repaired if needed.
 
     Returns ``(manager, candidates)``: candidates to restore from, newest first (the
-    state file's when it reads, otherwise every ``ckpt-*`` on disk).
+    state file's when it reads, with older ``ckpt-*`` files it no longer lists; otherwise
+    every ``ckpt-*`` on disk).
     """
     import tensorflow as tf
 
@@ -64,8 +71,9 @@ def open_manager(ckpt, directory, max_to_keep: int):
             if candidates:
                 tf.compat.v1.train.update_checkpoint_state(str(directory), candidates[-1],
                                                           all_model_checkpoint_paths=candidates)
-    else:
-        candidates = committed
+    else:  # the committed ones, then older files the state file no longer lists (newest first below)
+        newest = _number(committed[-1])
+        candidates = sorted(set(committed) | {p for p in on_disk(directory) if _number(p) < newest}, key=_number)
     manager = tf.train.CheckpointManager(ckpt, str(directory), max_to_keep=max_to_keep)
     return manager, candidates[::-1]
 
@@ -74,9 +82,8 @@ def restore_newest(ckpt, candidates) -> Optional[str]:
     """Restore the first of ``candidates`` that reads completely; returns it (or None).
 
     Every failed attempt is a warning naming the checkpoint; UserError when none reads.
-    A successful restore sets
-    every variable (``assert_existing_objects_matched``), so nothing of a failed attempt
-    survives it.
+    A successful restore sets every variable (``assert_existing_objects_matched``), so
+    nothing of a failed attempt survives it.
     """
     for prefix in candidates:
         try:

@@ -1,17 +1,20 @@
 """The training loop: read it top to bottom.
 
-One ``tf.function`` step (forward, float32 loss, gradients through Horovod's
-DistributedGradientTape with the configured groups, non-finite steps skipped on every
-rank alike), a Python loop around it for validation, TensorBoard, checkpoints and
-signals. ``stemnet train`` on an existing run folder resumes it exactly: step, optimizer
-state, loss scale, schedule position and data position (epoch, batch) come back from the
-last checkpoint. Dropout draws are not restored bit for bit.
+One ``tf.function`` step (forward, float32 loss, gradients reduced over the ranks by the
+distributed backend in the configured groups, non-finite steps skipped on every rank
+alike), a flat Python loop around it for logging, validation, TensorBoard, checkpoints and
+signals. The backend (Horovod or tf.distribute MWMS, :mod:`stemnet.distributed.backends`)
+is chosen by the config; the loop does not know which one runs it. ``stemnet train`` on an
+existing run folder resumes it exactly: step, optimizer state, loss scale, schedule
+position and data position (epoch, batch) come back from the last checkpoint. Dropout
+draws are not restored bit for bit.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -29,7 +32,7 @@ log = get_logger("train")
 CHECKPOINT_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # LSF sends SIGUSR2 before the walltime kill
 
 
-class _StopFlag:
+class StopFlag:
     """Set by SIGTERM/SIGUSR2; the loop checkpoints and leaves at the next step."""
 
     def __init__(self):
@@ -44,10 +47,30 @@ class _StopFlag:
 
 
 def data_info(manifest: dict, targets) -> dict:
-    """Model-facing shapes of a dataset (:class:`~stemnet.train.rundata.RunData`, as a dict)."""
-    from stemnet.train.rundata import RunData
+    """Model-facing shapes of a dataset: input field, (H, W, C) input, (H', W') output."""
+    from stemnet.data import input_field
+    from stemnet.shards import header_fields
 
-    return RunData.from_manifest(manifest, targets).model_dump(mode="json")
+    fields = header_fields(manifest)
+    name = input_field(manifest)
+    c, h, w = fields[name].shape
+    out_h, out_w = fields["potential"].shape[1:] if "potential" in fields else fields["displacement"].shape[1:]
+    sim = manifest.get("extra", {}).get("simulation", {})
+    fov = sim.get("fov_ang")
+    channels = list(sim.get("stem", {}).get("detectors", {})) if name == "stem" else [f"probe{p}" for p in range(c)]
+    return {
+        "input_field": name,
+        "input_shape": [int(h), int(w), int(c)],
+        "output_shape": [int(out_h), int(out_w)],
+        "targets": list(targets),
+        "channels": {t: int(fields[t].shape[0]) for t in targets},
+        "config_digest": manifest.get("config_digest"),
+        "input_channels": channels,
+        "fov_ang": fov,
+        "pixel_size_ang": fov / out_w if fov else None,
+        "energy_ev": sim.get("microscope", {}).get("energy_ev"),
+        "materials": {k: v for k, v in sim.get("materials", {}).items() if k in sim.get("specimen", {}).get("materials", [])},
+    }
 
 
 def check_compatible(cfg: Config, info: dict, data_dir) -> None:
@@ -67,12 +90,6 @@ def check_compatible(cfg: Config, info: dict, data_dir) -> None:
                         "expected a head per target")
 
 
-def _set_precision(policy: str) -> None:
-    import tensorflow as tf
-
-    tf.keras.mixed_precision.set_global_policy(policy)
-
-
 def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: Optional[int] = None) -> dict:
     """Train (or resume) ``cfg`` on ``data_dir`` into ``run_dir``; returns the summary.
 
@@ -83,50 +100,60 @@ def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: O
     from tqdm import tqdm
 
     from stemnet.data import make_dataset, plan_split
+    from stemnet.distributed.backends import init_backend
     from stemnet.distributed.grouping import describe, make_groups
-    from stemnet.distributed.runtime import init_horovod
     from stemnet.models import build_model
     from stemnet.shards import read_manifest
-    from stemnet.train.losses import total_loss
     from stemnet.train.optim import EMA, build_optimizer
     from stemnet.train.schedule import WarmupDecay
-    from stemnet.train.step import make_train_step
+    from stemnet.train.step import make_eval_step, make_train_step
 
     tcfg, dcfg, hcfg = cfg.train, cfg.data, cfg.distributed
-    hvd = init_horovod(hcfg)
-    rank, world = hvd.rank(), hvd.size()
-    setup_logging()
-    run = Path(run_dir)
-    data_dir = Path(data_dir)
+    run, data_dir = Path(run_dir), Path(data_dir)
 
-    # ---- data, shapes, and the checks that must pass before any training
+    # ---- processes: the backend says who we are
+    backend = init_backend(hcfg)
+    rank, world = backend.rank, backend.size
+    setup_logging()
+
+    # ---- data shapes, and the checks that must pass before any training
     manifest = read_manifest(data_dir)
     info = data_info(manifest, dcfg.targets)
     check_compatible(cfg, info, data_dir)
     per_epoch = plan_split(manifest, "train", rank=rank, world=world, batch_size=tcfg.batch_size,
                            where=str(data_dir)).batches_per_epoch
     lock = RunLock(run) if rank == 0 else None  # one trainer per run folder; made after the checks
+
+    # ---- model, optimizer and counters, created where the backend keeps its variables
     tf.keras.utils.set_random_seed(tcfg.seed + rank)  # Python, NumPy and TF: Keras initialisers draw from all
-    _set_precision(tcfg.precision)
-    model = build_model(cfg.model, tuple(info["input_shape"]), tuple(info["output_shape"]))
+    tf.keras.mixed_precision.set_global_policy(tcfg.precision)
     lr = WarmupDecay(tcfg.learning_rate * world, tcfg.steps, tcfg.warmup_steps, tcfg.schedule)
-    opt = build_optimizer(tcfg, lr)
-    opt.build(model.trainable_variables)  # slots exist before the first step: restore/broadcast see them
-    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
-    ema = EMA(model.trainable_variables, tcfg.ema_decay) if tcfg.ema_decay else None
+    with backend.scope():
+        model = build_model(cfg.model, tuple(info["input_shape"]), tuple(info["output_shape"]))
+        opt = build_optimizer(tcfg, lr)
+        opt.build(model.trainable_variables)  # slots exist before the first step: restore/broadcast see them
+        # counters: the same value on every replica (tf.distribute needs an aggregation to update them)
+        one = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step", aggregation=one)
+        skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps", aggregation=one)
+        ema = EMA(model.trainable_variables, tcfg.ema_decay) if tcfg.ema_decay else None
     ckpt = tf.train.Checkpoint(model=model, optimizer=opt, step=step, skipped=skipped,
                                **({"ema": ema} if ema is not None else {}))
     manager, candidates = checkpoints.open_manager(ckpt, run / runfiles.CHECKPOINTS, tcfg.keep_checkpoints)
+    # a rank that must take part in reading the variables but does not write saves to scratch
+    scratch = tempfile.TemporaryDirectory(prefix="stemnet-scratch-") if backend.collective_reads and rank else None
+    if scratch is not None:
+        manager = tf.train.CheckpointManager(ckpt, scratch.name, max_to_keep=1)
+
+    # ---- resume from the newest checkpoint that reads; every rank then starts from rank 0's state
     restored = checkpoints.restore_newest(ckpt, candidates)  # a damaged newest one is skipped
     if restored:
         log.info("resumed %s at step %d", restored, int(step.numpy()))
-    if world > 1:  # every rank starts from rank 0's state (fresh or restored)
-        hvd.broadcast_variables(model.variables, root_rank=0)
-        hvd.broadcast_variables(opt.variables, root_rank=0)
+    backend.broadcast(model.variables)
+    backend.broadcast(opt.variables)
+    start_step = saved_step = int(step.numpy())
 
-    start_step = int(step.numpy())
-    # exact data position on resume: the same epoch order, the batches already seen skipped
+    # ---- the input pipeline, at the exact data position (same epoch order, seen batches skipped)
     train_ds = make_dataset(
         data_dir, "train", rank=rank, world=world, batch_size=tcfg.batch_size, targets=dcfg.targets,
         shuffle=True, seed=tcfg.seed, augment=dcfg.augment, cbed_normalization=dcfg.cbed_normalization,
@@ -138,99 +165,78 @@ def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: O
     if rank == 0:
         runfiles.save_run_files(run, cfg, info, norm.to_dict())
 
+    # ---- gradient groups and the step functions (stemnet.train.step)
     groups = make_groups(model, hcfg.grouping, group_bytes=int(hcfg.group_bytes_mib * 2**20),
                          first_group_bytes=int(hcfg.first_group_bytes_mib * 2**20))
-    fp16 = tcfg.precision == "mixed_float16"
     if world > 1:
-        log.info("gradient grouping %s: %s", hcfg.grouping, describe(groups))
-
-    # ---- the step (stemnet.train.step)
-    train_step = make_train_step(model, opt, lr, tcfg, step=step, skipped=skipped, hvd=hvd, hcfg=hcfg,
+        log.info("%s backend, %d ranks; gradient grouping %s: %s", backend.name, world, hcfg.grouping,
+                 describe(groups))
+    train_step = make_train_step(model, opt, lr, tcfg, step=step, skipped=skipped, backend=backend,
                                  groups=groups, ema=ema)
+    eval_step = make_eval_step(model, tcfg, backend)
 
-    @tf.function
-    def eval_step(inputs, targets):
-        outputs = model(inputs, training=False)
-        return total_loss(tcfg.loss, targets, outputs, tcfg.head_weights), outputs
-
-    def validate() -> Dict[str, float]:
-        val_ds = make_dataset(data_dir, "val", rank=rank, world=world, batch_size=tcfg.batch_size,
-                              targets=dcfg.targets, shuffle=False, cbed_normalization=dcfg.cbed_normalization,
-                              verify_crc=dcfg.verify_crc, normalization=norm)
-        sums: Dict[str, float] = {}
-        count = 0
-        for inputs, targets in val_ds:
-            losses, _ = eval_step(inputs, targets)
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            count += 1
-        means = {k: v / max(count, 1) for k, v in sums.items()}
-        if world > 1:
-            means = {k: float(hvd.allreduce(tf.constant(v), name=f"val_{k}", op=hvd.Average)) for k, v in means.items()}
-        return means
-
+    # ---- logging, signals, termination
     writer = tf.summary.create_file_writer(str(run / runfiles.TENSORBOARD)) if rank == 0 else None
-    stop = _StopFlag()
+    stop = StopFlag()
     stop.install()
     end_step = tcfg.steps if max_steps is None else min(tcfg.steps, start_step + max_steps)
     bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", unit="step",
                disable=not progress or rank != 0, dynamic_ncols=True)
     samples = 0
-    t0 = time.perf_counter()
     last_losses: Dict[str, float] = {}
     val_losses: Dict[str, float] = {}
-    saved_step = start_step
-
-    def save(reason: str) -> None:
-        nonlocal saved_step
-        if rank == 0 and int(step.numpy()) != saved_step:
-            path = manager.save(checkpoint_number=int(step.numpy()))
-            log.debug("checkpoint %s (%s)", path, reason)
-        saved_step = int(step.numpy())
-
+    fp16 = tcfg.precision == "mixed_float16"
     record = BatchRecord(run, rank) if tcfg.record_batches else None
     iterator = iter(train_ds)
+    t0 = time.perf_counter()
     while int(step.numpy()) < end_step:
+        # forward backward update
         inputs, targets = next(iterator)
         if record is not None:
             record.write(int(step.numpy()) + 1, targets, lr(opt.iterations), opt.loss_scale if fp16 else None)
         losses = train_step(inputs, targets)
         current = int(step.numpy())
+
+        # logging
         samples += int(inputs.shape[0]) * world
         last_losses = {k: float(v) for k, v in losses.items()}
         rate = samples / max(time.perf_counter() - t0, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{last_losses['total']:.4g}", sps=f"{rate:.1f}")
         if writer is not None:
-            with writer.as_default(step=current):
-                for key, value in last_losses.items():
-                    tf.summary.scalar(f"train/loss_{key}", value)
-                tf.summary.scalar("train/lr", float(lr(current - 1)))
-                tf.summary.scalar("train/samples_per_s", rate)
-                if fp16:
-                    tf.summary.scalar("train/loss_scale", float(opt.loss_scale))
+            write_train_summaries(writer, current, last_losses, float(lr(current - 1)), rate,
+                                  float(opt.loss_scale) if fp16 else None)
+
+        # validation (every rank evaluates its share; the means are averaged over the ranks)
         if has_val and (current % tcfg.val_every == 0 or current == end_step):
-            val_losses = validate()
+            val_ds = make_dataset(data_dir, "val", rank=rank, world=world, batch_size=tcfg.batch_size,
+                                  targets=dcfg.targets, shuffle=False, cbed_normalization=dcfg.cbed_normalization,
+                                  verify_crc=dcfg.verify_crc, normalization=norm)
+            val_losses = backend.mean(mean_losses(eval_step, val_ds))
             if writer is not None:
-                _write_val_summaries(writer, current, val_losses, model, inputs, targets)
-        if current % tcfg.checkpoint_every == 0:
-            save("periodic")
+                write_val_summaries(writer, current, val_losses, inputs, targets, eval_step(inputs[:1], targets)[1])
+
+        # checkpoint: periodic, and on SIGTERM/SIGUSR2 before leaving
+        if current % tcfg.checkpoint_every == 0 or stop.signum is not None:
+            saved_step = save_checkpoint(manager, current, saved_step, writes=rank == 0 or scratch is not None)
         if stop.signum is not None:
-            save(f"signal {stop.signum}")
             bar.close()
             log.warning("signal %d: checkpoint written at step %d; rerun the same command to resume",
                         stop.signum, current)
-            _exit_now(128 + stop.signum, writer)
-
+            exit_now(128 + stop.signum, writer)
     bar.close()
-    save("end")
+
+    # ---- the end: last checkpoint, export, summary
+    current = int(step.numpy())
+    save_checkpoint(manager, current, saved_step, writes=rank == 0 or scratch is not None)
     elapsed = time.perf_counter() - t0
     summary = {
-        "steps": int(step.numpy()),
+        "steps": current,
         "target_steps": tcfg.steps,
-        "steps_this_call": int(step.numpy()) - start_step,
+        "steps_this_call": current - start_step,
         "rank": rank,
         "world": world,
+        "backend": backend.name,
         "global_batch": tcfg.batch_size * world,
         "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
         "seconds": elapsed,
@@ -238,18 +244,54 @@ def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: O
         "precision": tcfg.precision,
         "train_loss": last_losses,
         "val_loss": val_losses,
-        "finished": int(step.numpy()) >= tcfg.steps,
+        "finished": current >= tcfg.steps,
     }
+    if summary["finished"] and (rank == 0 or scratch is not None):
+        export_weights(Path(scratch.name) if scratch is not None else run, model, ema)
     if rank == 0:
-        if summary["finished"]:
-            _export(run, model, ema)
         runfiles.write_json_atomic(run / runfiles.SUMMARY, summary)
         writer.flush()
         lock.release()
+    backend.barrier()  # no rank leaves (and tears down its collectives) while another still writes
+    if scratch is not None:
+        scratch.cleanup()
     return summary
 
 
-def _exit_now(code: int, writer) -> None:
+def save_checkpoint(manager, step: int, saved_step: int, *, writes: bool) -> int:
+    """Save at ``step`` unless it is already saved; returns the last saved step."""
+    if writes and step != saved_step:
+        path = manager.save(checkpoint_number=step)
+        log.debug("checkpoint %s", path)
+    return step
+
+
+def mean_losses(eval_step, dataset) -> Dict[str, float]:
+    """Mean of each loss over the batches of ``dataset`` (this rank's share)."""
+    sums: Dict[str, float] = {}
+    count = 0
+    for inputs, targets in dataset:
+        losses, _ = eval_step(inputs, targets)
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        count += 1
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def write_train_summaries(writer, step: int, losses: Dict[str, float], lr: float, rate: float,
+                          loss_scale: Optional[float]) -> None:
+    import tensorflow as tf
+
+    with writer.as_default(step=step):
+        for key, value in losses.items():
+            tf.summary.scalar(f"train/loss_{key}", value)
+        tf.summary.scalar("train/lr", lr)
+        tf.summary.scalar("train/samples_per_s", rate)
+        if loss_scale is not None:
+            tf.summary.scalar("train/loss_scale", loss_scale)
+
+
+def exit_now(code: int, writer) -> None:
     """Leave at once once the checkpoint is on disk (flushing logs and TensorBoard first).
 
     A normal exit here waits 12-20 s in the tf.data iterator's destructor for its input
@@ -268,7 +310,7 @@ def _exit_now(code: int, writer) -> None:
     os._exit(code)
 
 
-def _export(run: Path, model, ema) -> None:
+def export_weights(run: Path, model, ema) -> None:
     """Write the final weights (the EMA averages when configured) to RUN/export."""
     export = run / runfiles.EXPORT
     export.mkdir(parents=True, exist_ok=True)
@@ -285,15 +327,14 @@ def _export(run: Path, model, ema) -> None:
     os.replace(tmp, export / runfiles.WEIGHTS)
 
 
-def _write_val_summaries(writer, step: int, val_losses: Dict[str, float], model, inputs, targets) -> None:
+def write_val_summaries(writer, step: int, val_losses: Dict[str, float], inputs, targets, outputs) -> None:
+    """Validation scalars, and one training sample's input, prediction and truth images."""
     import tensorflow as tf
 
     with writer.as_default(step=step):
         for key, value in val_losses.items():
             tf.summary.scalar(f"val/loss_{key}", value)
-        outputs = model(inputs[:1], training=False)
-        image = inputs[:1, :, :, :1]
-        tf.summary.image("inputs", _unit(image))
+        tf.summary.image("inputs", _unit(inputs[:1, :, :, :1]))
         for head, prediction in outputs.items():
             if head in targets:
                 tf.summary.image(f"{head}/prediction", _unit(prediction[..., :1]))

@@ -68,7 +68,9 @@ class EMA(tf.Module):
     def __init__(self, variables: Sequence[tf.Variable], decay: float):
         super().__init__(name="ema")
         self.decay = float(decay)
-        self.shadow = [tf.Variable(v, trainable=False, name=f"ema_{i}") for i, v in enumerate(variables)]
+        self.shadow = [tf.Variable(v, trainable=False, name=f"ema_{i}",
+                                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                       for i, v in enumerate(variables)]
 
     def apply(self, variables: Sequence[tf.Variable]) -> None:
         for shadow, v in zip(self.shadow, variables):

@@ -15,17 +15,17 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
-import horovod.tensorflow as hvd
 import tensorflow as tf
 
 from stemnet.config import DistributedConfig, ModelConfig, TrainConfig
+from stemnet.distributed.backends import init_backend
 from stemnet.models import build_model
 from stemnet.train.optim import build_optimizer
 from stemnet.train.step import make_train_step
 
 out_dir, mode = sys.argv[1], sys.argv[2]
-hvd.init()
-rank, world = hvd.rank(), hvd.size()
+backend = init_backend(DistributedConfig(backend=os.environ.get("STEMNET_BACKEND", "auto"), grouping="none"))
+rank, world = backend.rank, backend.size
 rng = np.random.default_rng(7)
 
 
@@ -67,14 +67,16 @@ tcfg = TrainConfig(optimizer="sgd", learning_rate=0.05, momentum=0.9, loss="mse"
 mcfg = ModelConfig(initial_filters=8, growth=4, layers_per_block=[2, 2], bottleneck_layers=2,
                    batch_norm=False, dropout=0.0, coordconv=False)  # batch statistics would see the padding
 tf.keras.utils.set_random_seed(0)
-model = build_model(mcfg, (16, 16, 4), (16, 16))
-opt = build_optimizer(tcfg, tcfg.learning_rate)
-opt.build(model.trainable_variables)
-hvd.broadcast_variables(model.variables, root_rank=0)
+with backend.scope():
+    model = build_model(mcfg, (16, 16, 4), (16, 16))
+    opt = build_optimizer(tcfg, tcfg.learning_rate)
+    opt.build(model.trainable_variables)
+    one = tf.VariableAggregation.ONLY_FIRST_REPLICA
+    step, skipped = tf.Variable(0, dtype=tf.int64, aggregation=one), tf.Variable(0, dtype=tf.int64, aggregation=one)
+backend.broadcast(model.variables)
 init = [v.numpy() for v in model.trainable_variables]
-step, skipped = tf.Variable(0, dtype=tf.int64), tf.Variable(0, dtype=tf.int64)
 train_step = make_train_step(model, opt, lambda it: tf.constant(tcfg.learning_rate), tcfg, step=step, skipped=skipped,
-                             hvd=hvd, hcfg=DistributedConfig(grouping="none"), groups=None)
+                             backend=backend, groups=None)
 losses, after_first = [], None
 for i, (x, t) in enumerate(batches):
     losses.append(float(train_step(x, t)["total"]))
