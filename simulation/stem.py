@@ -85,11 +85,10 @@ def scan_positions(shape: Sequence[int], fov_ang: float, draws: Mapping[str, flo
 
 def probe_aberrations(draws: Mapping[str, float]) -> dict:
     """abTEM polar coefficients [Å, rad] of the drawn residual aberrations."""
-    if not draws:
-        return {}
-    return {"C10": -draws["residual_defocus_ang"], "C30": draws["residual_cs_ang"],
-            "C12": draws["astigmatism_ang"], "phi12": math.radians(draws["astigmatism_angle_deg"]),
-            "C21": draws["coma_ang"], "phi21": math.radians(draws["coma_angle_deg"])}
+    d = {name: float(draws.get(name, 0.0)) for name in IMPERFECTION_PARAMS}  # a missing one is off
+    return {"C10": -d["residual_defocus_ang"], "C30": d["residual_cs_ang"],
+            "C12": d["astigmatism_ang"], "phi12": math.radians(d["astigmatism_angle_deg"]),
+            "C21": d["coma_ang"], "phi21": math.radians(d["coma_angle_deg"])}
 
 
 def record(atoms, *, cell_ang: Sequence[float], positions_ang: np.ndarray, scan_step_ang: float,
