@@ -61,7 +61,7 @@ def test_bad_arguments_give_one_line(capsys, argv, fragment):
 
 
 def _info_fields():
-    proc = subprocess.run(STEMNET + ["info"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(STEMNET + ["info"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     fields = dict(line.split(":", 1) for line in proc.stdout.splitlines())
     return {k.strip(): v.strip() for k, v in fields.items()}
