@@ -565,14 +565,14 @@ def crystal(haadf_run):
     _, _, sim = haadf_run
     spec = build_specimen(material_from_dict("SrTiO3", {"A": "Sr", "B": "Ti", "X": "O", "a": A_ANG}), 4, 2,
                           glazer="a0a0c+", tilt_deg=(0.0, 0.0, 8.0), polar_B_ang=(0.12, -0.06, 0.0))
-    fov, n = 4 * A_ANG, 32
+    fov, n = float(spec.atoms.cell[0, 0]), 32  # the tilted cell (a·cos 8° per cell): 0.483 Å pixels
     mic = sim.microscope
     image = stem_images(spec.atoms, energy_ev=mic.energy_ev, convergence_mrad=mic.convergence_mrad, shape=(n, n),
                         fov_ang=((0.0, 0.0), (fov, fov)), sampling_ang=sim.sampling_ang,
                         slice_thickness_ang=A_ANG / 2, detectors=dict(sim.stem.detectors))
     disp, mask = column_maps(find_columns(spec), cell_ang=(fov, fov), fov_ang=fov, shape=(n, n),
                              sigma_ang=sim.label_sigma_ang)
-    return image, fov / n, np.moveaxis(disp, 0, -1), np.moveaxis(mask, 0, -1)
+    return image, fov / n, np.moveaxis(disp, 0, -1), np.moveaxis(mask, 0, -1), spec
 
 
 def test_haadf_only_run_on_a_five_times_finer_image(haadf_run, crystal, tmp_path):
@@ -584,13 +584,13 @@ def test_haadf_only_run_on_a_five_times_finer_image(haadf_run, crystal, tmp_path
     from stemnet.evaluate import column_rmse
 
     run, _, _ = haadf_run
-    image, pixel, truth, mask = crystal
+    image, pixel, truth, mask, spec = crystal
     fine = resample(resample(image[0], 160, axis=0), 160, axis=1)  # periodic: band-limited interpolation
     np.save(tmp_path / "fine.npy", fine.astype(np.float32))
     result = invoke(run, tmp_path / "fine.npy", "--pixel-size", pixel / 5, "--out", tmp_path / "out", "--no-progress")
     assert result.exit_code == 0, (result.output, result.exception)
     with h5py.File(tmp_path / "out/fine.hspy") as f:
-        assert f["Experiments/input/data"].shape == (1, 32, 32)  # the run's sampling
+        assert f["Experiments/input/data"].shape == (1, 31, 31)  # 15.47 Å at the run's 0.488 Å sampling
         cols = {k: f["stemnet/columns"][k][()] for k in f["stemnet/columns"]}
     b = cols["sublattice"] == 1
     assert b.sum() >= 9 and (cols["sublattice"] == 0).sum() >= 9
@@ -598,7 +598,13 @@ def test_haadf_only_run_on_a_five_times_finer_image(haadf_run, crystal, tmp_path
     print(f"\nHAADF-only, 5x finer: Gaussian-fit polarisation ({pol[0]:.1f}, {pol[1]:.1f}) pm (truth 12, -6)")
     assert abs(pol[0] - 12) < 3 and abs(pol[1] + 6) < 3
     rec, _ = R.reconstruct_files(run, [tmp_path / "fine.npy"], tmp_path / "again", pixel_size=pixel / 5, plot=False)[0]
-    m = np.repeat(mask, 3, axis=-1)[None]
+    from simulation.labels import column_maps, find_columns
+
+    h, w = rec.maps["displacement"].shape[:2]  # truth on the reconstruction's grid
+    cell = float(spec.atoms.cell[0, 0])
+    disp, cols = column_maps(find_columns(spec), cell_ang=(cell, cell), fov_ang=w * TRAIN_PIXEL, shape=(h, w),
+                             sigma_ang=0.5)
+    truth, m = np.moveaxis(disp, 0, -1), np.repeat(np.moveaxis(cols, 0, -1), 3, axis=-1)[None]
     model = column_rmse(truth[None], rec.maps["displacement"][None], m)
     zero = column_rmse(truth[None], 0 * truth[None], m)
     b_model, b_zero = np.hypot(model["B_dx"], model["B_dy"]), np.hypot(zero["B_dx"], zero["B_dy"])
@@ -619,7 +625,7 @@ def test_no_seams(haadf_run, crystal):
     from stemnet.train.run import load_run
 
     run, _, _ = haadf_run
-    image, pixel, truth, mask = crystal
+    image, pixel, truth, mask, spec = crystal
     info, norm = run_info(run)
     norm = Normalization.from_dict(norm)
     model, *_ = load_run(run)
@@ -656,7 +662,7 @@ def test_uncertainty_calibrated_on_validation(haadf_run, crystal, tmp_path):
     from stemnet.reconstruct.calibration import ensemble_on_samples
 
     run, data, _ = haadf_run
-    image, pixel, _, _ = crystal
+    image, pixel, _, _, _ = crystal
     np.save(tmp_path / "img.npy", image)
     before, _ = R.reconstruct_files(run, [tmp_path / "img.npy"], tmp_path / "a", pixel_size=pixel, plot=False)[0]
     result = R.calibrate_uncertainty(run, data, "val")
