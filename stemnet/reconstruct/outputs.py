@@ -26,10 +26,22 @@ HSPY_VERSION = "3.3"
 
 
 def _attr(value):
+    """``value`` as an HDF5 attribute: None as HyperSpy's "_None_", dicts and sequences
+    other than plain numbers as JSON, the rest as it is."""
+    if value is None:
+        return "_None_"
     if isinstance(value, (dict, list, tuple)) and not (isinstance(value, (list, tuple)) and value
                                                       and all(isinstance(v, (int, float)) for v in value)):
-        return json.dumps(value)
+        return json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
     return value
+
+
+def _plain_array(value) -> bool:
+    """True when ``value`` converts to a numeric or string array (an HDF5 attribute type)."""
+    try:
+        return np.asarray(value).dtype != object
+    except ValueError:  # ragged
+        return False
 
 
 def _write_dict(group, data: dict) -> None:
@@ -38,6 +50,9 @@ def _write_dict(group, data: dict) -> None:
             _write_dict(group.require_group(key), value)
         elif value is None:
             group.attrs[key] = "_None_"
+        elif isinstance(value, (list, tuple, np.ndarray)) and not _plain_array(value):
+            # ragged, mixed or None-holding sequences have no HDF5 attribute type: JSON
+            group.attrs[key] = json.dumps(np.asarray(value, dtype=object).tolist(), default=str)
         else:
             group.attrs[key] = value
 
