@@ -24,9 +24,10 @@ def test_columns_of_ideal_cell_have_zero_displacement():
 
 
 def test_polar_and_tilt_displacements_appear_at_column_centres():
-    a = STO.a
     spec = build_specimen(STO, 4, 2, glazer="a0a0c+", tilt_deg=(0, 0, 8.0),
                           polar_A_ang=(0.1, -0.05, 0.02), polar_B_ang=(0.0, 0.12, -0.03))
+    a = float(spec.atoms.cell.array[0, 0]) / 4  # rigid octahedra: the cell contracts to a·cos 8°
+    assert a == pytest.approx(STO.a * np.cos(np.radians(8.0)), rel=1e-9)
     cols = find_columns(spec)
     fov, shape = 2 * a, (78, 78)  # 0.1 Å pixels, columns on pixel centres
     disp, mask = column_maps(cols, cell_ang=(4 * a, 4 * a), fov_ang=fov, shape=shape, sigma_ang=0.3)
@@ -37,7 +38,8 @@ def test_polar_and_tilt_displacements_appear_at_column_centres():
     assert mask[0, r, c] > 0.95
     r, c = pixel(fov, shape, 0.5 * a, 0.5 * a)  # a B column
     np.testing.assert_allclose(disp[3:6, r, c] / mask[1, r, c], [0.0, 0.12, -0.03], atol=1e-5)
-    # the O column at (a/2, 0): a c+ tilt moves it along x by ±(a/2)·tan(8°), not along z
+    # the O column at (a/2, 0): a c+ tilt of rigid octahedra moves it along x by
+    # ±(a/2)·tan(8°) of the contracted cell, not along z
     r, c = pixel(fov, shape, 0.5 * a, a)
     expected = 0.5 * a * np.tan(np.radians(8.0))
     assert abs(disp[6, r, c] / mask[2, r, c]) == pytest.approx(expected, rel=1e-4)
