@@ -143,7 +143,10 @@ class MWMSBackend(Backend):
 
     def broadcast(self, variables: Sequence) -> None:
         """Rank 0's values to every worker: a sum where only rank 0 contributes."""
-        variables = list(variables)
+        # floating-point state only: all_reduce packs its list into one tensor (no mixed
+        # dtypes), and the integer counters (the optimizer's step) are equal on every worker
+        # already: all start at 0 or restore the same checkpoint
+        variables = [v for v in variables if v.dtype.is_floating]
         if self.size == 1 or not variables:
             return
         keep = tf.constant(1 if self.rank == 0 else 0)
