@@ -150,8 +150,6 @@ def _worker_pids(index: int):
     return pids
 
 
-@pytest.mark.xfail(reason="known defect, open in issue 17: `stemnet train` under MWMS fails in the "
-                          "start-up broadcast (ValueError: destinations can not be empty)", strict=False)
 def test_killed_worker_makes_launch_exit_nonzero_with_a_valid_checkpoint(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     cmd = LAUNCH + STEMNET + ["train", "--config", str(TINY_TRAINING), "--data", str(tiny_dataset),
