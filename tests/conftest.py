@@ -26,6 +26,32 @@ def poke(path, index, transform):
     env.close()
 
 
+def assert_same_training(one, two, stdout: str, strategies) -> None:
+    """The per-strategy .npz files of tests/scripts/one_step.py from 1 process (``one``) and
+    2 ranks/workers (``two``) agree: grouping as planned, every step's loss, every final
+    variable, and the weights really moved from their (equal) initial values."""
+    import numpy as np
+
+    groups = dict(line.split()[1:3] for line in stdout.splitlines() if "STEP " in line)
+    assert int(groups["graph"].split("=")[1]) > 1 and int(groups["layer"].split("=")[1]) > 3
+    for strategy in strategies:
+        name = strategy.replace(":", "_") + ".npz"
+        a, b = np.load(one / name), np.load(two / name)
+        finals = [k for k in a.files if k.startswith("final_")]
+        assert sorted(a.files) == sorted(b.files) and len(finals) > 10
+        # the loss of every step, 2 ranks (the global batch's mean) vs 1 process
+        np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-5, err_msg=strategy)
+        assert len(set(np.round(a["losses"], 6))) == 2  # two different batches, two losses
+        moved = 0.0
+        for key in finals:
+            ref, got, init = a[key], b[key], a["init_" + key[6:]]
+            np.testing.assert_array_equal(b["init_" + key[6:]], init)
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(),
+                                       err_msg=f"{strategy}: variable {key}")
+            moved = max(moved, float(np.abs(ref - init).max() / (np.abs(init).max() + 1e-12)))
+        assert moved > 1e-3, strategy  # the steps really changed the weights (the same on both sides)
+
+
 @pytest.fixture(autouse=True)
 def _release_shards():
     """Close the data pipeline's cached shard handles after each test (py-lmdb allows

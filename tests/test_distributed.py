@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_same_training
 
 from conftest import TINY_TRAINING
 
@@ -32,24 +33,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     multi = subprocess.run(HOROVODRUN + [sys.executable, script, str(two), *STRATEGIES], capture_output=True,
                            text=True, timeout=900)
     assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
-    groups = dict(line.split()[1:3] for line in multi.stdout.splitlines() if "STEP " in line)
-    assert int(groups["graph"].split("=")[1]) > 1 and int(groups["layer"].split("=")[1]) > 3
-    for strategy in STRATEGIES:
-        name = strategy.replace(":", "_") + ".npz"
-        a, b = np.load(one / name), np.load(two / name)
-        finals = [k for k in a.files if k.startswith("final_")]
-        assert sorted(a.files) == sorted(b.files) and len(finals) > 10
-        # the loss of every step, 2 ranks (the global batch's mean) vs 1 process
-        np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-5, err_msg=strategy)
-        assert len(set(np.round(a["losses"], 6))) == 2  # two different batches, two losses
-        moved = 0.0
-        for key in finals:
-            ref, got, init = a[key], b[key], a["init_" + key[6:]]
-            np.testing.assert_array_equal(b["init_" + key[6:]], init)
-            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(),
-                                       err_msg=f"{strategy}: variable {key}")
-            moved = max(moved, float(np.abs(ref - init).max() / (np.abs(init).max() + 1e-12)))
-        assert moved > 1e-3, strategy  # the steps really changed the weights (the same on both sides)
+    assert_same_training(one, two, multi.stdout, STRATEGIES)
 
 
 def _weights(npz, prefix):

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import assert_same_training
 
 from conftest import TINY_TRAINING
 
@@ -48,23 +48,7 @@ def test_two_workers_equal_one_process_on_the_concatenated_batch(one_step_runs):
     """Two steps on 2 workers (batch 4 each) = two steps of one process on the batches of 8:
     the same loss at every step and the same final weights, which moved from the initial ones."""
     one, two, stdout = one_step_runs
-    groups = dict(line.split()[1:3] for line in stdout.splitlines() if line.startswith("STEP "))
-    assert int(groups["graph"].split("=")[1]) > 1 and int(groups["layer"].split("=")[1]) > 3
-    for strategy in STRATEGIES:
-        name = strategy.replace(":", "_") + ".npz"
-        a, b = np.load(one / name), np.load(two / name)
-        finals = [k for k in a.files if k.startswith("final_")]
-        assert sorted(a.files) == sorted(b.files) and len(finals) > 10
-        np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-5, err_msg=strategy)
-        assert len(set(np.round(a["losses"], 6))) == 2  # two different batches, two losses
-        moved = 0.0
-        for key in finals:
-            ref, got, init = a[key], b[key], a["init_" + key[6:]]
-            np.testing.assert_array_equal(b["init_" + key[6:]], init)
-            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(),
-                                       err_msg=f"{strategy}: variable {key}")
-            moved = max(moved, float(np.abs(ref - init).max() / (np.abs(init).max() + 1e-12)))
-        assert moved > 1e-3, strategy  # the steps really changed the weights (the same on both sides)
+    assert_same_training(one, two, stdout, STRATEGIES)
 
 
 def _tf_packs(sizes_in_variable_order, bytes_per_pack):
