@@ -89,7 +89,7 @@ def prepare(micrograph: Micrograph, info: dict, norm, *, intensity: str = "match
         raise UserError(f"{where}: the image covers {extent[0]:.1f}×{extent[1]:.1f} Å; expected at least "
                         f"{MIN_CELLS} unit cells ({MIN_CELLS * a_max:.1f} Å) along each axis")
     clipped = clip_outliers(micrograph.data)
-    raw = resample(clipped, micrograph.pixel_size_ang, p)
+    raw = resample(clipped, micrograph.pixel_size_ang, p, info.get("nyquist_step_ang"))
     x = match_intensity(raw, norm, intensity, where)
     image, abf, pixel = _column_images(micrograph, clipped, raw)
     pixel = pixel or p

@@ -49,13 +49,30 @@ def resampled_shape(shape: Tuple[int, int], pixel_in: Tuple[float, float], pixel
     return tuple(int(math.floor(n * q / pixel_out + 1e-3)) for n, q in zip(shape, pixel_in))
 
 
-def resample(data: np.ndarray, pixel_in: Tuple[float, float], pixel_out: float) -> np.ndarray:
+def band_limit(image: np.ndarray, pixel_ang: Tuple[float, float], cutoff_per_ang: float) -> np.ndarray:
+    """``(H, W)`` image low-passed at spatial frequency ``cutoff_per_ang`` [1/Å] (an ideal
+    circular filter on the mirror-extended image, so that its edges do not ring)."""
+    h, w = image.shape
+    mirrored = np.block([[image, image[:, ::-1]], [image[::-1], image[::-1, ::-1]]])
+    fy = np.fft.fftfreq(2 * h, d=pixel_ang[0])[:, None]
+    fx = np.fft.rfftfreq(2 * w, d=pixel_ang[1])[None, :]
+    spectrum = np.fft.rfft2(mirrored)
+    spectrum[fy ** 2 + fx ** 2 > cutoff_per_ang ** 2] = 0.0
+    return np.fft.irfft2(spectrum, s=mirrored.shape)[:h, :w]
+
+
+def resample(data: np.ndarray, pixel_in: Tuple[float, float], pixel_out: float,
+             nyquist_ang: Optional[float] = None) -> np.ndarray:
     """``(C, H, W)`` images at pixel size ``pixel_in`` (y, x) [Å] → pixel size ``pixel_out`` [Å].
 
     Output pixel ``j`` samples ``(j + ½)·pixel_out`` from the image edge. When shrinking
-    by a factor ``f = pixel_out / pixel_in`` (any factor), a Gaussian anti-alias filter of
-    σ = (f − 1)/2 input pixels is applied first (scikit-image's ``rescale`` rule); values
-    are then cubic B-spline interpolated (``scipy.ndimage.map_coordinates``, order 3).
+    (any factor), everything above the signal's band is removed first: above the probe's
+    transfer limit 1/(2·``nyquist_ang``) when the run records its Nyquist step (the image
+    holds only noise there), else above the output's Nyquist frequency. The band-limited
+    image is then sampled at the output pixels (cubic B-spline,
+    ``scipy.ndimage.map_coordinates``) -- as the simulation samples its band-limited
+    images at the training pixels, so a finer micrograph gives the training images again,
+    aliasing included when the run was trained coarser than the probe's Nyquist step.
     """
     from scipy import ndimage
 
@@ -64,12 +81,14 @@ def resample(data: np.ndarray, pixel_in: Tuple[float, float], pixel_out: float) 
         return np.array(data, np.float64)
     coords = [(np.arange(n) + 0.5) * pixel_out / q - 0.5 for n, q in zip(shape, pixel_in)]
     grid = np.meshgrid(*coords, indexing="ij")
-    sigma = [max(0.0, (pixel_out / q - 1.0) / 2.0) for q in pixel_in]
+    cutoff = 1.0 / (2.0 * (nyquist_ang if nyquist_ang else pixel_out))
+    shrink = pixel_out > min(pixel_in) * (1 + 1e-6)
+    filtered = shrink and cutoff < 1.0 / (2.0 * max(pixel_in))
     out = np.empty((data.shape[0],) + shape, np.float64)
     for c in range(data.shape[0]):
         image = np.asarray(data[c], np.float64)
-        if max(sigma) > 0:
-            image = ndimage.gaussian_filter(image, sigma, mode="reflect")
+        if filtered:
+            image = band_limit(image, pixel_in, cutoff)
         out[c] = ndimage.map_coordinates(image, grid, order=3, mode="reflect")
     return out
 

@@ -27,6 +27,7 @@ from stemnet.train import checkpoints
 from stemnet.train import run as runfiles
 from stemnet.train.lock import RunLock
 from stemnet.train.record import BatchRecord
+from stemnet.train.rundata import RunData
 
 log = get_logger("train")
 CHECKPOINT_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # LSF sends SIGUSR2 before the walltime kill
@@ -47,30 +48,8 @@ class StopFlag:
 
 
 def data_info(manifest: dict, targets) -> dict:
-    """Model-facing shapes of a dataset: input field, (H, W, C) input, (H', W') output."""
-    from stemnet.data import input_field
-    from stemnet.shards import header_fields
-
-    fields = header_fields(manifest)
-    name = input_field(manifest)
-    c, h, w = fields[name].shape
-    out_h, out_w = fields["potential"].shape[1:] if "potential" in fields else fields["displacement"].shape[1:]
-    sim = manifest.get("extra", {}).get("simulation", {})
-    fov = sim.get("fov_ang")
-    channels = list(sim.get("stem", {}).get("detectors", {})) if name == "stem" else [f"probe{p}" for p in range(c)]
-    return {
-        "input_field": name,
-        "input_shape": [int(h), int(w), int(c)],
-        "output_shape": [int(out_h), int(out_w)],
-        "targets": list(targets),
-        "channels": {t: int(fields[t].shape[0]) for t in targets},
-        "config_digest": manifest.get("config_digest"),
-        "input_channels": channels,
-        "fov_ang": fov,
-        "pixel_size_ang": fov / out_w if fov else None,
-        "energy_ev": sim.get("microscope", {}).get("energy_ev"),
-        "materials": {k: v for k, v in sim.get("materials", {}).items() if k in sim.get("specimen", {}).get("materials", [])},
-    }
+    """What the model expects of its data (``data.json``): :meth:`RunData.from_manifest`."""
+    return RunData.from_manifest(manifest, targets).model_dump(mode="json")
 
 
 def check_compatible(cfg: Config, info: dict, data_dir) -> None:
