@@ -28,7 +28,8 @@ from simulation import stem
 from simulation.labels import column_maps, find_columns, tilt_map
 from simulation.structures import build_specimen, draw_distortion, material_from_dict, parse_glazer
 from stemnet import __version__
-from stemnet.config import SimulationConfig, digest
+from simulation.config import SimulationConfig
+from stemnet.config import digest
 from stemnet.errors import UserError
 from stemnet.log import get_logger
 from stemnet.shards import (

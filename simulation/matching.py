@@ -108,7 +108,8 @@ def match(micrograph: Path, *, material: str, zone: str = "001", pixel_size_ang:
           detectors_mrad: Optional[Dict[str, Optional[str]]] = None, base: Path = BASE_CONFIG) -> Tuple[dict, dict]:
     """A simulation config matched to ``micrograph``; returns ``(config dict, sources)``,
     ``sources`` naming where each matched value came from."""
-    from stemnet.config import ConfigError, SimulationConfig
+    from simulation.config import SimulationConfig
+    from stemnet.config import ConfigError
     from stemnet.reconstruct import read_images
     from simulation.imaging import nyquist_step_ang
 

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from stemnet.cli.jobs import submit_command
 from stemnet.hpc import machines, render
 from stemnet.hpc import submit as jobs
 from stemnet.ranks import RANK_VARIABLES
@@ -261,7 +262,7 @@ def test_submit_command_through_click(tmp_path, dataset, fake_bin):
     def cli():
         pass
 
-    cli.add_command(jobs.submit_command)
+    cli.add_command(submit_command)
     result = CliRunner().invoke(cli, [
         "submit", "train", "--machine", "summit", "--nodes", "2", "--walltime", "02:00", "--project", "MAT123",
         "--config", str(TRAINING), "--data", str(dataset), "--out", str(tmp_path / "run"), "--chain", "2"])

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from simulation.matching import file_metadata, match
-from stemnet.config import SimulationConfig, load_config
+from simulation.config import SimulationConfig, load_simulation
 from stemnet.errors import UserError
 
 from conftest import REPO
@@ -73,7 +73,7 @@ def test_calibrated_file_with_metadata_gives_a_valid_matched_config(tmp_path):
     assert "#   energy_ev: file metadata (Acquisition_instrument.TEM.beam_energy)" in proc.stdout
     assert "#   convergence_mrad: file metadata (Acquisition_instrument.TEM.convergence_angle)" in proc.stdout
     assert "#   detectors.haadf: option --haadf-mrad" in proc.stdout
-    sim = load_config(out, require=("simulation",)).simulation
+    sim = load_simulation(out)
     assert sim.microscope.energy_ev == 300e3 and sim.microscope.convergence_mrad == 24.0
     assert sim.stem.detectors == {"haadf": (70.0, 200.0)}
     assert sim.output_shape == (88, 88) and sim.fov_ang == pytest.approx(88 * 0.09)  # >= 2 cells, 8 | pixels

@@ -134,7 +134,7 @@ def build_job(
     window for training), project (LSF/Slurm), config (validated with the sections the
     task needs), --data (train: a dataset with a manifest; simulate: not allowed), chain.
     """
-    from stemnet.config import load_config
+    from stemnet.config import Config, load_config
 
     if task not in TASKS:
         raise UserError(f"task {task!r}: expected one of {', '.join(TASKS)}")
@@ -171,7 +171,10 @@ def build_job(
             raise UserError(f"--project: required on {m.name} (the allocation to charge, {m.scheduler} {option})")
         if not re.match(r"^[A-Za-z0-9_.-]+$", str(project)):
             raise UserError(f"--project {project}: expected letters, digits, '_', '.' or '-'")
-    cfg = load_config(config, overrides, require=SECTIONS_NEEDED[task])
+    schema = Config
+    if task == "simulate":  # the simulator owns its section's schema (simulation imports no abTEM here)
+        from simulation.config import SimulationFile as schema
+    cfg = load_config(config, overrides, require=SECTIONS_NEEDED[task], schema=schema)
     if task == "train" and m.backend != "auto" and cfg.distributed.backend == "auto":
         cfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"backend": m.backend})})
     out_path = Path(out).expanduser().resolve()

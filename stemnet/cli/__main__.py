@@ -1,0 +1,7 @@
+"""``python -m stemnet.cli``: the ``stemnet`` command."""
+
+import sys
+
+from stemnet.cli import main
+
+sys.exit(main())
