@@ -13,6 +13,13 @@ from stemnet.errors import UserError
 from stemnet.log import setup_logging
 
 OVERRIDE_HELP = "Override a config value, e.g. -o train.batch_size=8 (repeatable)."
+# library arguments whose option is not ``--`` + the name with dashes
+OPTION_WORDS = {"overrides": "-o", "tta": "--no-tta", "inputs": "INPUT files", "pixel_size_ang": "--pixel-size"}
+
+
+def option_word(name: str) -> str:
+    """The command-line option of a library argument (``pixel_size`` -> ``--pixel-size``)."""
+    return OPTION_WORDS.get(name, "--" + name.replace("_", "-"))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,7 +60,7 @@ def main(argv=None) -> int:
     except click.ClickException as err:
         click.echo(f"error: {err.format_message()}".splitlines()[0], err=True)
         return err.exit_code
-    except UserError as err:
-        click.echo(f"error: {err}".splitlines()[0], err=True)
+    except UserError as err:  # the library names its arguments; the user typed options
+        click.echo(f"error: {err.worded(option_word)}".splitlines()[0], err=True)
         return 2
     return 0
