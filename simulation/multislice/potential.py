@@ -149,7 +149,7 @@ def configurations(potential: abtem.Potential) -> Iterator[PotentialArray]:
         yield built
 
 
-def transmission(potential: PotentialArray, energy_ev: float) -> TransmissionFunction:
+def transmission_functions(potential: PotentialArray, energy_ev: float) -> TransmissionFunction:
     """Band-limited transmission functions exp(i sigma V) of all slices (complex64)."""
     transmission = potential.transmission_function(energy=energy_ev)
     return AntialiasAperture().bandlimit(transmission, in_place=True)

@@ -11,7 +11,7 @@ from abtem.core.fft import CachedFFTWConvolution, _new_fftw_object
 from abtem.multislice import FresnelPropagator, conventional_multislice_step
 from abtem.potentials.iam import PotentialArray
 
-from simulation.multislice.potential import configurations, transmission
+from simulation.multislice.potential import configurations, transmission_functions
 from simulation.multislice.settings import FovAng, check_energy, check_grid
 
 _BATCH_BYTES = 8 * 2**20  # wave functions per batch of probe positions (cache-sized)
@@ -128,7 +128,7 @@ def multislice_scan(
     sums: list[np.ndarray] | None = None
     count = 0
     for config in configurations(potential):
-        transmission = transmission(config, probe.energy)
+        transmission = transmission_functions(config, probe.energy)
         slices = [transmission.get_chunk(i, i + 1) for i in range(len(transmission))]
         outputs: list[list[np.ndarray]] = [[] for _ in detectors]
         for batch in _batches(len(positions), probe.gpts, batch_positions):
