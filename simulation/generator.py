@@ -28,8 +28,9 @@ from simulation import stem
 from simulation.labels import column_maps, find_columns, tilt_map
 from simulation.structures import build_specimen, draw_distortion, material_from_dict, parse_glazer
 from stemnet import __version__
-from stemnet.config import SimulationConfig, digest
-from stemnet.errors import UserError
+from simulation.config import SimulationConfig
+from stemnet.config import digest
+from stemnet.errors import UserError, argument
 from stemnet.log import get_logger
 from stemnet.shards import (
     MANIFEST_NAME,
@@ -330,7 +331,7 @@ def _worker(cfg_dict: dict, out: str, writer: int, writers: int, done: dict, mes
         _write_shards(cfg, Path(out), writer, writers, done, lambda n, resumed: messages.put(("progress", (n, resumed))))
         messages.put(("done", writer))
     except UserError as err:
-        messages.put(("error", str(err)))
+        messages.put(("error", err.marked))  # the marked text: the CLI words the arguments
     except Exception as err:  # a bug: report it rather than hang the parent
         messages.put(("error", f"writer {writer}: {type(err).__name__}: {err}"))
 
@@ -351,7 +352,7 @@ def check_output(cfg: SimulationConfig, out: Path, overwrite: bool, world: int) 
         return
     if overwrite:
         if world > 1:
-            raise UserError("--overwrite: clear the folder from a single process, not from every rank")
+            raise UserError(f"{argument('overwrite')}: clear the folder from a single process, not from every rank")
         for split in SPLITS:
             shutil.rmtree(out / split, ignore_errors=True)
         for name in (MANIFEST_NAME, CONFIG_NAME):
@@ -361,7 +362,7 @@ def check_output(cfg: SimulationConfig, out: Path, overwrite: bool, world: int) 
     if theirs is not None and theirs != digest(cfg):
         raise UserError(
             f"{out}: holds another dataset (config digest {theirs}, this config {digest(cfg)}); "
-            "use --overwrite to replace it, or another --out"
+            f"use {argument('overwrite')} to replace it, or another {argument('out')}"
         )
 
 
@@ -392,7 +393,7 @@ def finalize(cfg: SimulationConfig, out: Path) -> dict:
     if missing:
         raise UserError(
             f"{out}: {missing} of {cfg.num_samples} samples are not written yet; "
-            "rerun stemnet simulate to finish them, then --finalize"
+            f"rerun the simulation to finish them, then {argument('finalize')}"
         )
     extra = {"simulation": cfg.model_dump(mode="json"), "param_names": param_names(cfg),
              "sampling": sampling(cfg)}
@@ -412,7 +413,7 @@ def generate(
 ) -> dict:
     """Generate (or resume) the dataset in ``out``; returns a summary dict."""
     if workers < 1:
-        raise UserError(f"--workers: expected a positive integer, got {workers}")
+        raise UserError(f"{argument('workers')}: expected a positive integer, got {workers}")
     out = Path(out)
     start = time.perf_counter()
     sampling(cfg)  # an aliased scan is refused before anything is written
@@ -422,7 +423,7 @@ def generate(
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserError(f"--out {out}: cannot create it ({err.strerror}); expected a writable folder path") from None
+            raise UserError(f"{argument('out')} {out}: cannot create it ({err.strerror}); expected a writable folder path") from None
         (out / CONFIG_NAME).write_text(yaml.safe_dump({"simulation": cfg.model_dump(mode="json")}, sort_keys=False))
     writers = workers * world
     mine = [rank * workers + local for local in range(workers)]
@@ -446,7 +447,7 @@ def generate(
             finalize(cfg, out)
             summary["finalized"] = True
         else:
-            log.warning("%s: other ranks are still writing; run `stemnet simulate --finalize %s` when they end", out, out)
+            log.warning("%s: other ranks are still writing; finalize it (`stemnet simulate --finalize %s`) when they end", out, out)
     return summary
 
 

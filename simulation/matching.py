@@ -19,7 +19,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import yaml
 
-from stemnet.errors import UserError
+from stemnet.errors import UserError, argument
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs/simulation/demo.yaml"
@@ -108,14 +108,15 @@ def match(micrograph: Path, *, material: str, zone: str = "001", pixel_size_ang:
           detectors_mrad: Optional[Dict[str, Optional[str]]] = None, base: Path = BASE_CONFIG) -> Tuple[dict, dict]:
     """A simulation config matched to ``micrograph``; returns ``(config dict, sources)``,
     ``sources`` naming where each matched value came from."""
-    from stemnet.config import ConfigError, SimulationConfig
+    from simulation.config import SimulationConfig
+    from stemnet.config import ConfigError
     from stemnet.reconstruct import read_images
     from simulation.imaging import nyquist_step_ang
 
     micrograph = Path(micrograph)
     catalogue = _materials()
     if material not in catalogue:
-        raise UserError(f"--material {material}: unknown; expected one of {', '.join(sorted(catalogue))}")
+        raise UserError(f"{argument('material')} {material}: unknown; expected one of {', '.join(sorted(catalogue))}")
     images = read_images(micrograph)
     metadata = file_metadata(micrograph)
     tem = _lookup(metadata, "Acquisition_instrument.TEM") or {}
@@ -127,7 +128,7 @@ def match(micrograph: Path, *, material: str, zone: str = "001", pixel_size_ang:
         pixel = float(min(images[0].pixel_size_ang))
         sources["pixel_size_ang"] = "file calibration (axes scale and units)"
     else:
-        raise UserError(f"{micrograph}: the image has no length calibration; give --pixel-size (Å per pixel)")
+        raise UserError(f"{micrograph}: the image has no length calibration; give {argument('pixel_size_ang')} (Å per pixel)")
 
     def value(name, option, given, meta_key, scale=1.0):
         if given is not None:
@@ -144,22 +145,22 @@ def match(micrograph: Path, *, material: str, zone: str = "001", pixel_size_ang:
     detectors = {}
     in_file = _velox_detectors(metadata.get("original") or {})
     for name in _DETECTORS:
-        given = _pair((detectors_mrad or {}).get(name), f"--{name}-mrad")
+        given = _pair((detectors_mrad or {}).get(name), argument(f"{name}_mrad"))
         if given is not None:
             detectors[name], sources[f"detectors.{name}"] = given, f"option --{name}-mrad"
         elif name in in_file:
             detectors[name] = in_file[name]
             sources[f"detectors.{name}"] = "file metadata (Detectors.CollectionAngleRange)"
-    missing = [opt for opt, v in (("--energy-kev KEV", energy_ev), ("--convergence-mrad MRAD", convergence)) if v is None]
+    missing = [opt for opt, v in ((f"{argument('energy_kev')} KEV", energy_ev), (f"{argument('convergence_mrad')} MRAD", convergence)) if v is None]
     if not detectors:
-        missing.append("--haadf-mrad INNER,OUTER (and/or --abf-mrad, --bf-mrad)")
+        missing.append(f"{argument('haadf_mrad')} INNER,OUTER (and/or {argument('abf_mrad')}, {argument('bf_mrad')})")
     if missing:
         raise UserError(f"{micrograph}: not in the file's metadata: give {', '.join(missing)}")
 
     a = float(catalogue[material]["a"])
     if pixel > a / 4:
         raise UserError(f"{micrograph}: {pixel:.4g} Å pixels cannot resolve the atomic columns of {material} "
-                        f"(a = {a:g} Å); expected at most a/4 = {a / 4:.3g} Å (or give --pixel-size)")
+                        f"(a = {a:g} Å); expected at most a/4 = {a / 4:.3g} Å (or give {argument('pixel_size_ang')})")
     data = yaml.safe_load(Path(base).read_text())["simulation"]
     pixels = 8 * math.ceil(2 * a / pixel / 8)  # at least two cells, a multiple of 8 for the model
     fov = pixels * pixel

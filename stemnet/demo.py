@@ -22,14 +22,15 @@ MICROGRAPH = shipped_dir("micrograph")  # the shipped HAADF/ABF pair with its tr
 
 
 def _configs(tiny: bool):
+    from simulation.config import load_simulation
     from stemnet.config import load_config
 
     if tiny:
-        sim = load_config(shipped_config("simulation/tiny_stem"), require=("simulation",)).simulation
+        sim = load_simulation(shipped_config("simulation/tiny_stem"))
         train = load_config(shipped_config("training/tiny"), ["train.steps=60", "train.val_every=30"],
                             require=("model", "train"))
     else:
-        sim = load_config(shipped_config("simulation/demo"), require=("simulation",)).simulation
+        sim = load_simulation(shipped_config("simulation/demo"))
         train = load_config(shipped_config("training/demo"), require=("model", "train"))
     return sim, train
 

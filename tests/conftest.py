@@ -64,9 +64,9 @@ def _release_shards():
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from stemnet.config import load_config
+    from simulation.config import load_simulation
 
-    return load_config(TINY_SIMULATION, require=("simulation",)).simulation
+    return load_simulation(TINY_SIMULATION)
 
 
 @pytest.fixture(scope="session")

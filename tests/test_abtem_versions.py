@@ -6,7 +6,7 @@ with that abTEM version; this test recomputes them with the installed abTEM and 
 against the *other* version's file. Both use the quarter-slice z offset: 1.0.11 fixed the
 boundary bug, but without the offset a plane shifted by -δ goes to the slice below (the
 per-slice totals of bench/tiny changed by 6.7e3 V·Å³ when it was dropped; the labels did
-not), see simulation/multislice.py.
+not), see simulation/multislice (the package notes).
 """
 
 import sys

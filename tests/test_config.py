@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import simulation.config
 from stemnet.config import ConfigError, load_config, to_yaml, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_unknown_key_suggests(tmp_path):
 def test_unknown_nested_key_suggests(tmp_path):
     path = write(tmp_path, "simulation:\n  microscope:\n    energy_kev: 200\n")
     with pytest.raises(ConfigError, match=r"simulation\.microscope\.energy_kev: unknown key; did you mean 'energy_ev'\?"):
-        load_config(path)
+        simulation.config.load_config(path)
 
 
 def test_unknown_section_suggests(tmp_path):
@@ -120,7 +121,7 @@ def test_grouping_values(tmp_path):
 def test_unknown_material_in_specimen(tmp_path):
     path = write(tmp_path, "simulation:\n  specimen: {materials: [SrTiO3, Unobtainium]}\n")
     with pytest.raises(ConfigError, match=r"simulation\.specimen\.materials: unknown material 'Unobtainium'"):
-        load_config(path)
+        simulation.config.load_config(path)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -138,6 +139,6 @@ def test_every_shipped_config_validates(path):
         assert load_point(path).sources  # a published scaling point, every input with a source
         return
     section = {"simulation": "simulation", "training": "train", "model": "model"}[path.parent.name]
-    cfg = load_config(path, require=(section,))
+    cfg = simulation.config.load_config(path, require=(section,))  # every section typed
     assert getattr(cfg, section) is not None
     assert path.read_text().startswith("#"), f"{path}: first line should say what the config is for"

@@ -125,7 +125,7 @@ def test_other_dataset_in_output_is_refused(tiny_dataset, tiny_config, tmp_path)
     cfg = tiny_config.model_copy(update={"num_samples": 2, "splits": {"train": 1.0, "val": 0.0, "test": 0.0}})
     generate(cfg, out, progress=False)
     other = cfg.model_copy(update={"seed": 99})
-    with pytest.raises(UserError, match=r"holds another dataset .*use --overwrite"):
+    with pytest.raises(UserError, match=r"holds another dataset .*use overwrite"):
         generate(other, out, progress=False)
     summary = generate(other, out, overwrite=True, progress=False)
     assert summary["written"] == 2

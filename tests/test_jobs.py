@@ -25,6 +25,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from stemnet.cli.jobs import submit_command
 from stemnet.hpc import machines, render
 from stemnet.hpc import submit as jobs
 from stemnet.ranks import RANK_VARIABLES
@@ -261,7 +262,7 @@ def test_submit_command_through_click(tmp_path, dataset, fake_bin):
     def cli():
         pass
 
-    cli.add_command(jobs.submit_command)
+    cli.add_command(submit_command)
     result = CliRunner().invoke(cli, [
         "submit", "train", "--machine", "summit", "--nodes", "2", "--walltime", "02:00", "--project", "MAT123",
         "--config", str(TRAINING), "--data", str(dataset), "--out", str(tmp_path / "run"), "--chain", "2"])
@@ -280,23 +281,23 @@ def test_submit_command_through_click(tmp_path, dataset, fake_bin):
 
 # ------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("change,message", [
-    ({"machine": "sumit"}, r"--machine sumit: unknown machine; expected one of frontier, local, localslurm, perlmutter, summit"),
-    ({"nodes": 0}, r"--nodes 0: expected a positive number of nodes"),
-    ({"nodes": -3}, r"--nodes -3: expected a positive number of nodes"),
-    ({"nodes": 5000}, r"--nodes 5000: summit has at most 4608 node\(s\)"),
-    ({"walltime": "2h"}, r"--walltime 2h: expected HH:MM"),
-    ({"walltime": "01:75"}, r"--walltime 01:75: expected HH:MM"),
-    ({"walltime": "00:00"}, r"--walltime 00:00: expected a walltime longer than 00:00"),
-    ({"walltime": None}, r"--walltime: required on summit"),
-    ({"walltime": "03:00"}, r"--walltime 03:00: summit allows at most 02:00 for a job of 2 node\(s\)"),
+    ({"machine": "sumit"}, r"machine sumit: unknown machine; expected one of frontier, local, localslurm, perlmutter, summit"),
+    ({"nodes": 0}, r"nodes 0: expected a positive number of nodes"),
+    ({"nodes": -3}, r"nodes -3: expected a positive number of nodes"),
+    ({"nodes": 5000}, r"nodes 5000: summit has at most 4608 node\(s\)"),
+    ({"walltime": "2h"}, r"walltime 2h: expected HH:MM"),
+    ({"walltime": "01:75"}, r"walltime 01:75: expected HH:MM"),
+    ({"walltime": "00:00"}, r"walltime 00:00: expected a walltime longer than 00:00"),
+    ({"walltime": None}, r"walltime: required on summit"),
+    ({"walltime": "03:00"}, r"walltime 03:00: summit allows at most 02:00 for a job of 2 node\(s\)"),
     ({"walltime": "24:30", "nodes": 4600}, r"summit allows at most 24:00 for a job of 4600 node\(s\)"),
     ({"walltime": "00:10"}, r"more than the 10 minutes reserved for the checkpoint signal"),
-    ({"project": None}, r"--project: required on summit"),
-    ({"project": ""}, r"--project: required on summit"),
+    ({"project": None}, r"project: required on summit"),
+    ({"project": ""}, r"project: required on summit"),
     ({"overrides": ["train.batch_size=0"]}, r"-o train.batch_size=0: train.batch_size: expected a positive integer"),
     ({"config": SIMULATION}, r"simulation/tiny.yaml: model: missing section"),
-    ({"data": None}, r"--data: required for `submit train`"),
-    ({"chain": 0}, r"--chain 0: expected a positive number of jobs"),
+    ({"data": None}, r"data: required for `submit train`"),
+    ({"chain": 0}, r"chain 0: expected a positive number of jobs"),
 ])
 def test_bad_input_is_refused_before_submission(tmp_path, dataset, fake_bin, change, message):
     args = train_job(dataset, tmp_path / "run")
@@ -312,7 +313,7 @@ def test_bad_simulation_input(tmp_path, dataset, fake_bin):
     base = dict(machine="summit", nodes=1, walltime="01:00", project="MAT123", out=tmp_path / "ds")
     with pytest.raises(UserError, match=r"training/tiny.yaml: simulation: missing section"):
         jobs.submit("simulate", config=TRAINING, **base)
-    with pytest.raises(UserError, match=r"--data: only for `submit train`"):
+    with pytest.raises(UserError, match=r"data: only for `submit train`"):
         jobs.submit("simulate", config=SIMULATION, data=dataset, **base)
     with pytest.raises(UserError, match=r"task 'evaluate': expected one of simulate, train"):
         jobs.submit("evaluate", config=SIMULATION, **base)
@@ -321,7 +322,7 @@ def test_bad_simulation_input(tmp_path, dataset, fake_bin):
 
 def test_dataset_without_manifest(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"--data .*empty: no manifest.json"):
+    with pytest.raises(UserError, match=r"data .*empty: no manifest.json"):
         jobs.submit("train", **train_job(tmp_path / "empty", tmp_path / "run"), dry_run=True)
 
 
@@ -517,19 +518,19 @@ def test_local_chain_runs_in_the_foreground(tmp_path, stand_ins, monkeypatch):
     verify(tmp_path / "ds")
     second = (sub.script.parent / f"simulate.local-{sub.script.stem}-2.out").read_text()
     assert "simulated 0 new of" in second  # job 2 found job 1's samples: it resumed, nothing redone
-    with pytest.raises(UserError, match=r"--nodes 2: local has at most 1 node"):
+    with pytest.raises(UserError, match=r"nodes 2: local has at most 1 node"):
         jobs.submit("simulate", machine=profile, nodes=2, walltime=None, project=None,
                     config=SIMULATION, out=tmp_path / "ds")
 
 
 def test_out_path_unusable_in_directives(tmp_path, dataset):
-    with pytest.raises(UserError, match=r"--out .*my run: the path is used in a scheduler directive"):
+    with pytest.raises(UserError, match=r"out .*my run: the path is used in a scheduler directive"):
         jobs.submit("train", **train_job(dataset, tmp_path / "my run"), dry_run=True)
 
 
 def test_activation_needs_a_virtual_environment(tmp_path, dataset, monkeypatch):
     monkeypatch.setattr(render.sys, "prefix", str(tmp_path / "not-a-venv"))
-    with pytest.raises(UserError, match=r"--machine summit: its activate line uses \{venv\}, but .*not-a-venv"):
+    with pytest.raises(UserError, match=r"machine summit: its activate line uses \{venv\}, but .*not-a-venv"):
         jobs.submit("train", **train_job(dataset, tmp_path / "run"), dry_run=True)
 
 

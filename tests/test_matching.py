@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from simulation.matching import file_metadata, match
-from stemnet.config import SimulationConfig, load_config
+from simulation.config import SimulationConfig, load_simulation
 from stemnet.errors import UserError
 
 from conftest import REPO
@@ -43,7 +43,7 @@ def test_real_files_give_their_metadata(instrument):
         assert tem["beam_energy"] == pytest.approx(200.0)
         assert "convergence_angle" not in tem
     with pytest.raises(UserError, match=r"test_STEM_image.dm3: not in the file's metadata: give "
-                                        r"--convergence-mrad MRAD, --haadf-mrad INNER,OUTER"):
+                                        r"convergence_mrad MRAD, haadf_mrad INNER,OUTER"):
         match(instrument / "test_STEM_image.dm3", material="SrTiO3")
     # the energy comes from the file; the pixel (2.49 Å, a survey image) cannot resolve columns
     with pytest.raises(UserError, match=r"2\.485 Å pixels cannot resolve the atomic columns of SrTiO3"):
@@ -73,7 +73,7 @@ def test_calibrated_file_with_metadata_gives_a_valid_matched_config(tmp_path):
     assert "#   energy_ev: file metadata (Acquisition_instrument.TEM.beam_energy)" in proc.stdout
     assert "#   convergence_mrad: file metadata (Acquisition_instrument.TEM.convergence_angle)" in proc.stdout
     assert "#   detectors.haadf: option --haadf-mrad" in proc.stdout
-    sim = load_config(out, require=("simulation",)).simulation
+    sim = load_simulation(out)
     assert sim.microscope.energy_ev == 300e3 and sim.microscope.convergence_mrad == 24.0
     assert sim.stem.detectors == {"haadf": (70.0, 200.0)}
     assert sim.output_shape == (88, 88) and sim.fov_ang == pytest.approx(88 * 0.09)  # >= 2 cells, 8 | pixels
@@ -95,7 +95,7 @@ def test_calibrated_file_without_metadata_names_every_missing_option(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {path}: not in the file's metadata: give --energy-kev KEV, --convergence-mrad MRAD, "
         "--haadf-mrad INNER,OUTER (and/or --abf-mrad, --bf-mrad)"]
-    with pytest.raises(UserError, match=r"--abf-mrad 20,10: expected 0 <= INNER < OUTER"):
+    with pytest.raises(UserError, match=r"abf_mrad 20,10: expected 0 <= INNER < OUTER"):
         match(path, material="SrTiO3", energy_kev=200, convergence_mrad=20, detectors_mrad={"abf": "20,10"})
     cfg, sources = match(path, material="SrTiO3", energy_kev=200, convergence_mrad=20,
                          detectors_mrad={"haadf": "60,150", "abf": "10,20"})

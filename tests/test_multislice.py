@@ -91,7 +91,7 @@ def test_no_atom_lost_projected_potential_equals_sum_of_atoms():
         potential = ms.build_potential(
             atoms, sampling_ang=0.1, slice_thickness_ang=A / 2, z_offset_ang=offset
         )
-        (config,) = list(ms._configurations(potential))
+        (config,) = list(ms.configurations(potential))
         dx, dy = config.sampling
         totals.append(float(np.asarray(config.array, np.float64).sum() * dx * dy))
     assert totals[0] == pytest.approx(expected, rel=1e-3)
@@ -107,18 +107,18 @@ def test_atom_lost_at_top_edge_is_detected():
     potential = abtem.Potential(atoms, gpts=16, slice_thickness=(c / 7,) * 7)
     if ms.ABTEM_MISSLICES:
         with pytest.raises(RuntimeError, match="lost 1 of 1 atoms"):
-            ms._check_sliced(potential)
+            ms.check_sliced(potential)
     else:  # abTEM >= 1.0.10 wraps it to the bottom itself (abTEM PR #273)
-        ms._check_sliced(potential)
+        ms.check_sliced(potential)
     # the default offset of build_potential wraps it back to the bottom instead
     shifted = ms.build_potential(atoms, sampling_ang=0.4, slice_thickness_ang=c / 7)
-    ms._check_sliced(shifted)
+    ms.check_sliced(shifted)
 
 
 def test_frozen_phonon_configurations_are_distinct_and_complete():
     atoms = srtio3(2, 1)
     static = ms.build_potential(atoms, sampling_ang=0.2, slice_thickness_ang=A / 2)
-    (reference,) = list(ms._configurations(static))
+    (reference,) = list(ms.configurations(static))
     potential = ms.build_potential(
         atoms,
         sampling_ang=0.2,
@@ -127,7 +127,7 @@ def test_frozen_phonon_configurations_are_distinct_and_complete():
         num_phonon_configs=3,
         seed=7,
     )
-    configs = [np.asarray(c.array) for c in ms._configurations(potential)]
+    configs = [np.asarray(c.array) for c in ms.configurations(potential)]
     assert len(configs) == 3
     total = float(np.asarray(reference.array).sum())
     for c in configs:  # abTEM's eager build leaves configurations 1.. at zero

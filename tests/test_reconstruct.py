@@ -82,6 +82,7 @@ def lattice_images(cells=4, pixel=0.4, b_shift=(0.0, 0.0), a=A_ANG, sigma=0.35):
 @pytest.fixture(scope="module")
 def fake_run(tmp_path_factory):
     """A run folder with an exported, untrained tiny model (for everything but accuracy)."""
+    from simulation.config import load_simulation
     from stemnet.config import load_config
     from stemnet.models import build_model
     from stemnet.train.run import save_run_files
@@ -105,11 +106,12 @@ def fake_run(tmp_path_factory):
 def trained_run(tmp_path_factory):
     """tiny_stem (cheaper physics, see SIM_OVERRIDES) simulated, then a tiny model trained on it."""
     from simulation.generator import generate
+    from simulation.config import load_simulation
     from stemnet.config import load_config
     from stemnet.train.loop import train
 
     root = tmp_path_factory.mktemp("trained")
-    sim = load_config(REPO / "configs/simulation/tiny_stem.yaml", SIM_OVERRIDES, require=("simulation",)).simulation
+    sim = load_simulation(REPO / "configs/simulation/tiny_stem.yaml", SIM_OVERRIDES)
     generate(sim, root / "data", workers=2, progress=False)
     cfg = load_config(REPO / "configs/training/tiny.yaml", TRAIN_OVERRIDES)
     train(cfg, root / "data", root / "run", progress=False)
@@ -564,11 +566,12 @@ HAADF_OVERRIDES = [o for o in SIM_OVERRIDES if not o.startswith(("simulation.ste
 def haadf_run(tmp_path_factory):
     """A run trained on the HAADF detector only (tiny_stem, HAADF_OVERRIDES)."""
     from simulation.generator import generate
+    from simulation.config import load_simulation
     from stemnet.config import load_config
     from stemnet.train.loop import train
 
     root = tmp_path_factory.mktemp("haadf")
-    sim = load_config(REPO / "configs/simulation/tiny_stem.yaml", HAADF_OVERRIDES, require=("simulation",)).simulation
+    sim = load_simulation(REPO / "configs/simulation/tiny_stem.yaml", HAADF_OVERRIDES)
     generate(sim, root / "data", workers=2, progress=False)
     cfg = load_config(REPO / "configs/training/tiny.yaml", TRAIN_OVERRIDES[:1] + ["train.steps=400"] + TRAIN_OVERRIDES[2:])
     train(cfg, root / "data", root / "run", progress=False)

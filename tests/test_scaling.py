@@ -163,7 +163,7 @@ def test_machine_description_refuses_unknown_keys(tmp_path):
     with pytest.raises(ProfileError, match=r"bad.yaml: network.intra_node.bandwith_gbs: unknown key; "
                                            r"did you mean 'bandwidth_gbs'\?"):
         load_network(path)
-    with pytest.raises(ProfileError, match="--machine no-such-machine: unknown machine; expected one of .*summit"):
+    with pytest.raises(ProfileError, match="machine no-such-machine: unknown machine; expected one of .*summit"):
         load_network("no-such-machine")
     profile_only = tmp_path / "profile-only.yaml"
     profile_only.write_text(yaml.safe_dump({"machine": {"scheduler": "lsf"}}))

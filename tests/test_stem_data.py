@@ -8,7 +8,7 @@ import pytest
 
 from simulation import stem
 from simulation.generator import generate, param_names, simulate_sample
-from stemnet.config import load_config
+from simulation.config import load_simulation
 from stemnet.errors import UserError
 from stemnet.shards import ShardReader, read_manifest
 
@@ -23,7 +23,7 @@ REALISTIC = ["simulation.num_samples=2", "simulation.splits={train: 1.0, val: 0.
 
 
 def test_a_scan_coarser_than_nyquist_is_refused_before_anything_is_written(tmp_path):
-    cfg = load_config(TINY_STEM, ["simulation.undersampled_ok=false"]).simulation
+    cfg = load_simulation(TINY_STEM, ["simulation.undersampled_ok=false"])
     out = tmp_path / "never"
     with pytest.raises(UserError) as err:
         generate(cfg, out, progress=False)
@@ -31,16 +31,16 @@ def test_a_scan_coarser_than_nyquist_is_refused_before_anything_is_written(tmp_p
     assert "\n" not in message and "simulation.scan_step_ang: 0.4882" in message
     assert "Nyquist step 0.3135" in message and "undersampled_ok" in message
     assert not out.exists()
-    cfg = load_config(TINY_STEM, ["simulation.undersampled_ok=false", "simulation.scan_step_ang=0.3"]).simulation
+    cfg = load_simulation(TINY_STEM, ["simulation.undersampled_ok=false", "simulation.scan_step_ang=0.3"])
     with pytest.raises(UserError, match="simulation.output_shape: \\[16, 16\\] over fov_ang 7.81 Å gives 0.4881"):
         generate(cfg, out, progress=False)
     # the opt-in is recorded
-    assert stem.check_sampling(load_config(TINY_STEM).simulation)["undersampled"] is True
+    assert stem.check_sampling(load_simulation(TINY_STEM))["undersampled"] is True
 
 
 @pytest.fixture(scope="module")
 def realistic(tmp_path_factory):
-    cfg = load_config(TINY_STEM, REALISTIC).simulation
+    cfg = load_simulation(TINY_STEM, REALISTIC)
     out = tmp_path_factory.mktemp("realistic") / "data"
     generate(cfg, out, progress=False)
     return cfg, out
@@ -109,7 +109,7 @@ def test_realistic_micrograph_with_truth(tmp_path):
     assert haadf.data.mean() == pytest.approx(REALISTIC_IMPERFECTIONS["gain"] * noiseless.mean()
                                               + REALISTIC_IMPERFECTIONS["offset_frac"], rel=0.03)
     # every imperfection value lies outside what the demo trains on
-    demo = load_config(REPO / "configs/simulation/demo.yaml").simulation.imperfections
+    demo = load_simulation(REPO / "configs/simulation/demo.yaml").imperfections
     for name, value in REALISTIC_IMPERFECTIONS.items():
         key = stem.CONFIG_KEYS.get(name, name)
         if name.endswith("_deg") or name == "amorphous_ang":

@@ -280,11 +280,11 @@ def synthetic_dataset(root, config=None, samples: int = 672,
     import numpy as np
 
     from simulation.generator import fields as field_specs
+    from simulation.config import load_simulation
     from simulation.generator import param_names
-    from stemnet.config import load_config
     from stemnet.shards import ShardWriter, finalize_manifest, shard_path
 
-    cfg = load_config(config or shipped("simulation/bench.yaml"), require=("simulation",)).simulation
+    cfg = load_simulation(config or shipped("simulation/bench.yaml"))
     specs = field_specs(cfg)
     names = param_names(cfg)
     rng = np.random.default_rng(seed)

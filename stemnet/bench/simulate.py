@@ -16,10 +16,10 @@ def bench_simulate(config=None, samples: int = 4, naive_grid=(2, 2), direct_pixe
     """
     from simulation import multislice
     from simulation.generator import draw_specimen, simulate_sample
-    from stemnet.config import load_config
+    from simulation.config import load_simulation
 
     config = config or shipped("simulation/bench.yaml")
-    cfg = load_config(config, require=("simulation",)).simulation
+    cfg = load_simulation(config)
     gx, gy = cfg.cbed.grid
     specimen, _ = draw_specimen(cfg, 0)
     common = dict(energy_ev=cfg.microscope.energy_ev, convergence_mrad=cfg.microscope.convergence_mrad,

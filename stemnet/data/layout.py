@@ -8,7 +8,8 @@ Arrays are indexed ``[y, x]`` (rows follow y). A symmetry of the square is
 :data:`ELEMENTS` lists the eight in the order ``e = 4·transpose + 2·flip_y + flip_x``.
 Displacement vectors transform with it: transpose swaps (dx, dy), a flip of y negates
 dy, a flip of x negates dx, dz never changes; so ``np.rot90`` (transpose, then flip y)
-maps (dx, dy) → (dy, −dx). Masks and the potential transform as scalars.
+maps (dx, dy) → (dy, −dx). Tilt angles (about x, y, z) are axial vectors
+(:func:`tilt_vectors`). Masks and the potential transform as scalars.
 """
 
 from __future__ import annotations
@@ -131,6 +132,20 @@ def d4_vectors(d: np.ndarray, element: Sequence[int], channel_axis: int = -1) ->
     if element[0]:
         d = d[..., SWAP_XY]
     return np.moveaxis(d * d4_signs(element).astype(d.dtype), -1, channel_axis)
+
+
+def tilt_vectors(t: np.ndarray, element) -> np.ndarray:
+    """Transform tilt angles (about x, y, z; last axis) as an axial vector: a mirror ``R``
+    maps ``t`` to ``det(R)·R·t`` (transpose, then mirror y, then mirror x)."""
+    tr, fy, fx = (bool(e) for e in element)
+    t = np.asarray(t)
+    if tr:
+        t = -t[..., [1, 0, 2]]
+    if fy:
+        t = t * np.array([-1.0, 1.0, -1.0], t.dtype)
+    if fx:
+        t = t * np.array([1.0, -1.0, -1.0], t.dtype)
+    return t
 
 
 # ------------------------------------------------------------------------------ a dataset's fields

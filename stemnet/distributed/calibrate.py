@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from stemnet.errors import argument
 from stemnet.shipped import shipped_dir
 
 DEFAULT_CONFIG = shipped_dir("configs") / "training" / "demo.yaml"
@@ -131,13 +132,13 @@ def calibrate(config, machine: str = "local", *, input_shape=(16, 16, 2), batch:
     from stemnet.config import load_config
     from stemnet.distributed.runtime import horovod_environment
     from stemnet.distributed.scaling import LayerCost, Workload, check_strategies, simulate_step
-    from stemnet.hpc.machines import Link, load_profile
+    from stemnet.hpc.machines import Link, ProfileError, load_profile
 
     check_strategies(strategies)
     cfg = load_config(config, require=("model",))
     profile = load_profile(machine, ("network",))
     if profile.network.gpus_per_node < 2:
-        raise ValueError(f"--machine {machine}: network.gpus_per_node is {profile.network.gpus_per_node}; "
+        raise ProfileError(f"{argument('machine')} {machine}: network.gpus_per_node is {profile.network.gpus_per_node}; "
                          "calibration runs 2 ranks on one node, expected at least 2")
     load = machine_load()
     # one core per rank, as the local profile describes; Horovod as the config sets it

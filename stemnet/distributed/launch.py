@@ -18,8 +18,6 @@ import subprocess
 import time
 from typing import List, Optional, Sequence
 
-import click
-
 from stemnet.log import get_logger
 
 log = get_logger("launch")
@@ -101,16 +99,3 @@ def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-
-
-@click.command("launch", context_settings={"ignore_unknown_options": True})
-@click.option("-n", "--workers", "count", type=click.IntRange(min=1), required=True,
-              help="Number of workers to start on this machine.")
-@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
-              help="Seconds the other workers get after SIGTERM before SIGKILL, once one has failed.")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def launch_command(count: int, grace_s: float, command) -> None:
-    """Run COMMAND as N tf.distribute (MWMS) workers on localhost, e.g. `stemnet launch -n 2 -- stemnet train ...`."""
-    code = launch(count, command, grace_s=grace_s)
-    if code:
-        raise SystemExit(code)  # the failed worker's code (click's Exit is swallowed by stemnet's main)

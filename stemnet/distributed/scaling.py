@@ -85,6 +85,7 @@ from typing import List, Optional, Sequence
 
 from stemnet.config import GROUPING_PATTERN, DistributedConfig
 from stemnet.distributed.grouping import pack_layers
+from stemnet.errors import argument
 from stemnet.distributed.workload import (  # noqa: F401  (public here too)
     LayerCost,
     Workload,
@@ -247,7 +248,7 @@ def simulate_step(workload: Workload, strategy: str, gpus: int, network: Network
     dist = dist or DistributedConfig()
     if network.max_gpus is not None and gpus > network.max_gpus:
         nodes = f"{network.max_nodes} node{'s' if network.max_nodes != 1 else ''}"
-        raise ScalingError(f"--gpus {gpus}: more than the machine's {network.max_gpus} GPUs "
+        raise ScalingError(f"{argument('gpus')} {gpus}: more than the machine's {network.max_gpus} GPUs "
                            f"({nodes} x {network.gpus_per_node})")
     wire = 0.5 if dist.compression == "fp16" else 1.0
     overhead = network.allreduce_overhead_us * 1e-6
@@ -292,7 +293,7 @@ def predict(workload: Workload, network: Network, gpus: Sequence[int], strategie
     rows = []
     for n in gpus:
         if n < 1:
-            raise ScalingError(f"--gpus: expected positive GPU counts, got {n}")
+            raise ScalingError(f"{argument('gpus')}: expected positive GPU counts, got {n}")
         row = {"gpus": int(n), "nodes": math.ceil(n / network.gpus_per_node)}
         for s in strategies:
             base = simulate_step(workload, s, 1, network, dist=dist, algorithm=algorithm)
@@ -373,7 +374,7 @@ def parse_gpus(text: str) -> List[int]:
     except ValueError:
         values = []
     if not values or min(values) < 1:
-        raise ScalingError(f"--gpus {text}: expected comma-separated positive integers, e.g. 6,96,1536")
+        raise ScalingError(f"{argument('gpus')} {text}: expected comma-separated positive integers, e.g. 6,96,1536")
     return values
 
 
@@ -401,7 +402,7 @@ def scaling_report(config_path, machine: str, gpus: Sequence[int], *, input_shap
         try:
             network.flop_rate(precision)
         except ProfileError as err:
-            raise ScalingError(f"--machine {machine}: {err}") from None
+            raise ScalingError(f"{argument('machine')} {machine}: {err}") from None
     if measure:
         workload = measure_workload(cfg.model, input_shape, output_shape, batch=batch, repeats=repeats,
                                     network=network)

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stemnet.config import NonNegativeFloat, PositiveFloat, PositiveInt, validation_error
-from stemnet.errors import UserError
+from stemnet.errors import UserError, argument
 from stemnet.hpc import MACHINES_DIR, machine_names  # noqa: F401  (public here too)
 
 SECTIONS = ("machine", "network")
@@ -41,7 +41,7 @@ class ProfileError(UserError, ValueError):
 
 
 # =============================================================================== walltime
-def parse_walltime(text: str, where: str = "--walltime") -> int:
+def parse_walltime(text: str, where: str = argument("walltime")) -> int:
     """``"HH:MM"`` -> minutes (> 0); a one-line :class:`UserError` otherwise."""
     match = _WALLTIME.match(str(text).strip())
     if not match:
@@ -239,11 +239,11 @@ def profile_path(name_or_path: Union[str, Path]) -> Path:
     if text.endswith((".yaml", ".yml")) or "/" in text:
         path = Path(text)
         if not path.is_file():
-            raise ProfileError(f"--machine {text}: no such profile file")
+            raise ProfileError(f"{argument('machine')} {text}: no such profile file")
         return path
     path = MACHINES_DIR / f"{text}.yaml"
     if not path.is_file():
-        raise ProfileError(f"--machine {text}: unknown machine; expected one of {', '.join(machine_names())} "
+        raise ProfileError(f"{argument('machine')} {text}: unknown machine; expected one of {', '.join(machine_names())} "
                            "or a path to a YAML profile")
     return path
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from stemnet.errors import UserError
+from stemnet.errors import UserError, argument
 from stemnet.hpc import TASKS
 from stemnet.hpc.machines import Machine, format_walltime, load_machine, parse_walltime
 from stemnet.ranks import RANK_VARIABLES
@@ -132,64 +132,67 @@ def build_job(
     Checks, in order: task, machine profile, nodes (1..max_nodes), walltime (HH:MM,
     within the machine's limit for that node count; more than the checkpoint-signal
     window for training), project (LSF/Slurm), config (validated with the sections the
-    task needs), --data (train: a dataset with a manifest; simulate: not allowed), chain.
+    task needs), data (train: a dataset with a manifest; simulate: not allowed), chain.
     """
-    from stemnet.config import load_config
+    from stemnet.config import Config, load_config
 
     if task not in TASKS:
         raise UserError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     m = machine if isinstance(machine, Machine) else load_machine(machine)
     if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes <= 0:
-        raise UserError(f"--nodes {nodes}: expected a positive number of nodes")
+        raise UserError(f"{argument('nodes')} {nodes}: expected a positive number of nodes")
     if "{venv}" in m.activate and not (Path(sys.prefix) / "bin" / "activate").is_file():
         raise UserError(
-            f"--machine {m.name}: its activate line uses {{venv}}, but {sys.prefix} (where stemnet submit "
+            f"{argument('machine')} {m.name}: its activate line uses {{venv}}, but {sys.prefix} (where stemnet submit "
             "runs) has no bin/activate; run from the job's virtual environment or set activate in the profile"
         )
     if nodes > m.max_nodes:
-        raise UserError(f"--nodes {nodes}: {m.name} has at most {m.max_nodes} node(s) per job")
+        raise UserError(f"{argument('nodes')} {nodes}: {m.name} has at most {m.max_nodes} node(s) per job")
     minutes = None
     if walltime is None or str(walltime).strip() == "":
         if m.scheduler != "local":
-            raise UserError(f"--walltime: required on {m.name} ({m.scheduler}); expected HH:MM")
+            raise UserError(f"{argument('walltime')}: required on {m.name} ({m.scheduler}); expected HH:MM")
     else:
         minutes = parse_walltime(walltime)
         limit = m.walltime_limit(nodes)
         if limit is not None and minutes > limit:
             raise UserError(
-                f"--walltime {walltime}: {m.name} allows at most {format_walltime(limit)} "
+                f"{argument('walltime')} {walltime}: {m.name} allows at most {format_walltime(limit)} "
                 f"for a job of {nodes} node(s)"
             )
         if task == "train" and m.scheduler != "local" and minutes <= m.signal_minutes:
             raise UserError(
-                f"--walltime {walltime}: expected more than the {m.signal_minutes} minutes "
+                f"{argument('walltime')} {walltime}: expected more than the {m.signal_minutes} minutes "
                 "reserved for the checkpoint signal before the walltime kill"
             )
     if m.scheduler != "local":
         if not project or not str(project).strip():
             option = "-P" if m.scheduler == "lsf" else "-A"
-            raise UserError(f"--project: required on {m.name} (the allocation to charge, {m.scheduler} {option})")
+            raise UserError(f"{argument('project')}: required on {m.name} (the allocation to charge, {m.scheduler} {option})")
         if not re.match(r"^[A-Za-z0-9_.-]+$", str(project)):
-            raise UserError(f"--project {project}: expected letters, digits, '_', '.' or '-'")
-    cfg = load_config(config, overrides, require=SECTIONS_NEEDED[task])
+            raise UserError(f"{argument('project')} {project}: expected letters, digits, '_', '.' or '-'")
+    schema = Config
+    if task == "simulate":  # the simulator owns its section's schema (simulation imports no abTEM here)
+        from simulation.config import SimulationFile as schema
+    cfg = load_config(config, overrides, require=SECTIONS_NEEDED[task], schema=schema)
     if task == "train" and m.backend != "auto" and cfg.distributed.backend == "auto":
         cfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"backend": m.backend})})
     out_path = Path(out).expanduser().resolve()
-    directive_path(out_path, "--out")
+    directive_path(out_path, argument("out"))
     data_path = None
     if task == "simulate":
         if data is not None:
-            raise UserError("--data: only for `submit train`; a simulation writes its dataset to --out")
+            raise UserError(f"{argument('data')}: only for `submit train`; a simulation writes its dataset to {argument('out')}")
     else:
         if data is None:
-            raise UserError("--data: required for `submit train`; expected a dataset folder written by `stemnet simulate`")
+            raise UserError(f"{argument('data')}: required for `submit train`; expected a dataset folder written by `stemnet simulate`")
         data_path = Path(data).expanduser().resolve()
         if not (data_path / "manifest.json").is_file():
-            raise UserError(f"--data {data}: no manifest.json; expected a finished dataset (stemnet simulate, then --finalize)")
+            raise UserError(f"{argument('data')} {data}: no manifest.json; expected a finished dataset (its manifest written when every shard was)")
         if data_path == out_path:
-            raise UserError(f"--out {out}: the run folder is the dataset; expected another folder")
+            raise UserError(f"{argument('out')} {out}: the run folder is the dataset; expected another folder")
     if not isinstance(chain, int) or isinstance(chain, bool) or chain < 1:
-        raise UserError(f"--chain {chain}: expected a positive number of jobs")
+        raise UserError(f"{argument('chain')} {chain}: expected a positive number of jobs")
     return Job(task, m, nodes, minutes, project, cfg, Path(config).resolve(), out_path, data_path, chain, tuple(overrides))
 
 
@@ -307,7 +310,7 @@ def script_values(job: Job, config_file: Path, log_prefix: str) -> Dict[str, str
 def render_script(job: Job, config_file: Path, log_prefix: Optional[str] = None) -> str:
     """The batch script: ``jobs/{scheduler}.sh`` + ``jobs/setup.sh`` + ``jobs/{task}.sh``."""
     if log_prefix is None:
-        log_prefix = directive_path(job.out / "jobs" / job.task, "--out")
+        log_prefix = directive_path(job.out / "jobs" / job.task, argument("out"))
     values = script_values(job, config_file, log_prefix)
     parts = []
     for name in (f"{job.machine.scheduler}.sh", "setup.sh", f"{job.task}.sh"):

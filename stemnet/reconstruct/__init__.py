@@ -25,9 +25,10 @@
    calibrated axes, the column table, provenance), ``NAME_columns.csv``, ``NAME.png``.
 """
 
+from stemnet.data.layout import tilt_vectors  # re-exported: the label layout owns it
 from stemnet.reconstruct.calibration import calibrate_uncertainty, coverage
 from stemnet.reconstruct.columns import SUBLATTICES, a_brighter, column_statistics, find_lattice_columns
-from stemnet.reconstruct.ensemble import D4, d4_inverse, keras_predictor, tilt_vectors, tta_members
+from stemnet.reconstruct.ensemble import D4, d4_inverse, keras_predictor, tta_members
 from stemnet.reconstruct.lattice import Lattice, check_lattice, fft_basis, fit_lattice
 from stemnet.reconstruct.micrograph import Micrograph, load_micrograph
 from stemnet.reconstruct.outputs import (DISPLACEMENT_CHANNELS, Reconstruction, write_columns_csv,

@@ -1,7 +1,8 @@
 """Module for the test-time-augmentation ensemble: the eight symmetries of the square.
 
 Each symmetry (:func:`stemnet.data.d4_array`; displacement channels transformed as
-vectors by :func:`stemnet.data.d4_vectors`) is applied to the image, the prediction
+vectors by :func:`stemnet.data.d4_vectors`, tilt angles as axial vectors by
+:func:`stemnet.data.tilt_vectors`) is applied to the image, the prediction
 mapped back by the inverse element (closed form, :func:`stemnet.data.layout.d4_inverse`); the
 reconstruction is the mean of the eight, the uncertainty their standard deviation.
 """
@@ -20,7 +21,7 @@ D4 = ELEMENTS  # (transpose, flip_y, flip_x), e = 4·transpose + 2·flip_y + fli
 
 def _apply(element, maps: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """A symmetry applied to ``{head: (H, W, K)}`` maps; 9-channel displacement as vectors."""
-    from stemnet.data import d4_array, d4_vectors
+    from stemnet.data import d4_array, d4_vectors, tilt_vectors
 
     out = {}
     for key, value in maps.items():
@@ -31,20 +32,6 @@ def _apply(element, maps: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
             moved = tilt_vectors(moved, element)
         out[key] = np.ascontiguousarray(moved)
     return out
-
-
-def tilt_vectors(t: np.ndarray, element) -> np.ndarray:
-    """Transform tilt angles (about x, y, z; last axis) as an axial vector: a mirror ``R``
-    maps ``t`` to ``det(R)·R·t`` (transpose, then mirror y, then mirror x)."""
-    tr, fy, fx = (bool(e) for e in element)
-    t = np.asarray(t)
-    if tr:
-        t = -t[..., [1, 0, 2]]
-    if fy:
-        t = t * np.array([-1.0, 1.0, -1.0], t.dtype)
-    if fx:
-        t = t * np.array([1.0, -1.0, -1.0], t.dtype)
-    return t
 
 
 def tta_members(predict: Predictor, image: np.ndarray, tile: Optional[Tuple[int, int]], *, tta: bool = True,

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from stemnet.errors import UserError
+from stemnet.errors import UserError, argument
 from stemnet.reconstruct.peaks import find_peaks
 
 LATTICE_TOLERANCE = 0.05  # relative: measured a vs the run's materials
@@ -129,7 +129,7 @@ def check_lattice(lattice: Optional[Lattice], pixel_ang: float, info: dict, wher
         if not force:
             raise UserError(f"{where}: no crystal lattice found in the image's Fourier transform; expected a "
                             f"[{zone}] perovskite ({', '.join(f'{k} a = {v:.3f} Å' for k, v in materials.items())}); "
-                            "pass --force to reconstruct anyway")
+                            f"pass {argument('force')} to reconstruct anyway")
         return result
     lengths = lattice.lengths_px * pixel_ang
     angle = lattice.angle_deg
@@ -148,5 +148,5 @@ def check_lattice(lattice: Optional[Lattice], pixel_ang: float, info: dict, wher
               "problem": "; ".join(problems)}
     if problems and not force:
         raise UserError(f"{where}: the micrograph's lattice does not match the run: {'; '.join(problems)}; "
-                        "pass --force to reconstruct anyway")
+                        f"pass {argument('force')} to reconstruct anyway")
     return result

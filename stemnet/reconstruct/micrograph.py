@@ -9,7 +9,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from stemnet.errors import UserError
+from stemnet.errors import UserError, argument
 from stemnet.reconstruct.readers import Image, parse_channel_map, pick_channels, read_images, sha256
 
 CALIBRATION_TOLERANCE = 0.01  # relative pixel-size disagreement allowed between channels
@@ -45,14 +45,14 @@ def load_micrograph(inputs: Union[str, Path, Mapping[str, Union[str, Path]]], ch
         if set(mapping) != set(channels):
             missing = [c for c in channels if c not in mapping]
             extra = [c for c in mapping if c not in channels]
-            raise UserError(f"--channels {','.join(mapping)}: the run expects channels {channels}"
+            raise UserError(f"{argument('channels')} {','.join(mapping)}: the run expects channels {channels}"
                             + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else ""))
         picked: List[Image] = []
         for channel in channels:
             images = read_images(mapping[channel], dataset)
             if len(images) > 1 and all(im.stacked for im in images):
                 raise UserError(f"{mapping[channel]}: a 3-D stack of {len(images)} images for channel {channel!r}; "
-                                f"expected one 2-D image (H, W) per --channels entry (the run expects {channels})")
+                                f"expected one 2-D image (H, W) per {argument('channels')} entry (the run expects {channels})")
             picked += pick_channels(images, [channel], str(mapping[channel]))
         files = [mapping[c] for c in channels]
     else:
@@ -66,18 +66,18 @@ def load_micrograph(inputs: Union[str, Path, Mapping[str, Union[str, Path]]], ch
                         + "; expected one field of view")
     if pixel_size is not None:
         if not (math.isfinite(pixel_size) and pixel_size > 0):
-            raise UserError(f"--pixel-size {pixel_size}: expected a positive length in Å")
+            raise UserError(f"{argument('pixel_size')} {pixel_size}: expected a positive length in Å")
         pixel, calibration = (float(pixel_size), float(pixel_size)), "--pixel-size"
     else:
         for c, im, f in zip(channels, picked, files):
             if im.pixel_size_ang is None:
                 raise UserError(f"{f}: no pixel-size calibration for channel {c!r} ({im.title!r}); "
-                                "give --pixel-size (Å per pixel)")
+                                f"give {argument('pixel_size')} (Å per pixel)")
         pixel = picked[0].pixel_size_ang
         for c, im in zip(channels, picked):
             if not np.allclose(im.pixel_size_ang, pixel, rtol=CALIBRATION_TOLERANCE, atol=0):
                 raise UserError(f"{files[0]}: channels disagree on the pixel size ({channels[0]} {pixel} Å, "
-                                f"{c} {im.pixel_size_ang} Å); give --pixel-size to override")
+                                f"{c} {im.pixel_size_ang} Å); give {argument('pixel_size')} to override")
         calibration = "file"
     data = np.stack([np.asarray(im.data, np.float64) for im in picked])
     filled = 0
@@ -88,7 +88,7 @@ def load_micrograph(inputs: Union[str, Path, Mapping[str, Union[str, Path]]], ch
                 raise UserError(f"{f}: channel {channels[c]!r} has no finite pixel")
             if not fill_nan:
                 raise UserError(f"{f}: {int(bad.sum())} NaN/Inf pixel(s) in channel {channels[c]!r}; "
-                                "pass --fill-nan to replace them by the channel's median")
+                                f"pass {argument('fill_nan')} to replace them by the channel's median")
             data[c][bad] = np.median(data[c][~bad])
             filled += int(bad.sum())
         if np.ptp(data[c]) <= 0:

@@ -11,7 +11,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from stemnet import __version__
-from stemnet.errors import UserError
+from stemnet.errors import UserError, argument
 from stemnet.reconstruct.columns import SUBLATTICES, a_brighter, column_statistics, find_lattice_columns
 from stemnet.reconstruct.ensemble import keras_predictor, tta_members
 from stemnet.reconstruct.lattice import Lattice, check_lattice
@@ -204,13 +204,13 @@ def reconstruct_files(run, inputs: Sequence = (), out=None, *, channels: Optiona
 
     run = Path(run)
     if out is None:
-        raise UserError("--out: expected an output folder")
+        raise UserError(f"{argument('out')}: expected an output folder")
     if intensity not in INTENSITY_RULES:
-        raise UserError(f"--intensity {intensity!r}: expected one of {list(INTENSITY_RULES)}")
+        raise UserError(f"{argument('intensity')} {intensity!r}: expected one of {list(INTENSITY_RULES)}")
     if channels is not None and len(inputs):
-        raise UserError("give INPUT files or --channels NAME=FILE,..., not both")
+        raise UserError(f"give {argument('inputs')} or {argument('channels')} NAME=FILE,..., not both")
     if channels is None and not len(inputs):
-        raise UserError("no input: give INPUT files, or --channels NAME=FILE,... for one file per channel")
+        raise UserError(f"no input: give {argument('inputs')}, or {argument('channels')} NAME=FILE,... for one file per channel")
     info, norm_dict = run_info(run)
     norm = Normalization.from_dict(norm_dict)
     run_channels = [c.lower() for c in info.get("input_channels") or []]
@@ -227,7 +227,7 @@ def reconstruct_files(run, inputs: Sequence = (), out=None, *, channels: Optiona
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise UserError(f"inputs {duplicates}: two inputs would write the same {duplicates[0]}.hspy; "
-                        "reconstruct them into different --out folders")
+                        f"reconstruct them into different {argument('out')} folders")
     out = Path(out)
     uncertainty = load_uncertainty(run)
     from stemnet.reconstruct.figures import plot_reconstruction

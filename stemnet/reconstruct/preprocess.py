@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from stemnet.errors import UserError
+from stemnet.errors import UserError, argument
 
 COARSER_LIMIT = 1.25  # largest accepted input pixel size / the run's pixel size
 CLIP_PERCENTILES = (0.1, 99.9)
@@ -28,7 +28,7 @@ def check_sampling(pixel_size_ang: Tuple[float, float], training_ang: float, whe
             nyq = f", probe Nyquist step {nyquist_ang:.4g} Å" if nyquist_ang else ""
             raise UserError(f"{where}: pixel size {value:.4g} Å ({axis}) is coarser than this run can reconstruct: "
                             f"expected at most {hi:.4g} Å ({COARSER_LIMIT}× its sampling {training_ang:.4g} Å{nyq}); "
-                            "check the calibration or --pixel-size")
+                            f"check the calibration or {argument('pixel_size')}")
 
 
 def clip_outliers(data: np.ndarray, percentiles=CLIP_PERCENTILES) -> np.ndarray:

@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from stemnet.errors import UserError
+from stemnet.errors import UserError, argument
 
 #: Length units → Å per unit (lower-case keys; "a" is Å here, never ampere).
 LENGTH_UNITS_ANG = {
@@ -103,7 +103,7 @@ def _scale_ang(axis: dict, where: str) -> Optional[float]:
     try:
         factor = unit_to_ang(axis.get("units"))
     except UserError as err:
-        raise UserError(f"{where}: {err}") from None
+        raise UserError(f"{where}: {err.marked}") from None
     scale = axis.get("scale")
     if factor is None or scale is None:
         return None
@@ -249,7 +249,7 @@ def read_images(path, dataset: Optional[str] = None) -> List[Image]:
             if suffix in HDF5_SUFFIXES:
                 return _read_hdf5_dataset(path, dataset)
             if kind != "npz":
-                raise UserError(f"--dataset {dataset!r}: only for HDF5-based files and .npz archives, not {suffix}")
+                raise UserError(f"{argument('dataset')} {dataset!r}: only for HDF5-based files and .npz archives, not {suffix}")
         if kind == "dm":
             from rsciio.digitalmicrograph import file_reader
 
@@ -261,7 +261,7 @@ def read_images(path, dataset: Optional[str] = None) -> List[Image]:
         if kind in ("hspy", "hdf5"):
             if not _is_hspy(path):
                 listing = ", ".join(_hdf5_candidates(path)[:8]) or "none with 2 or 3 dimensions"
-                raise UserError(f"{path}: not a HyperSpy file; give the image's HDF5 path with --dataset "
+                raise UserError(f"{path}: not a HyperSpy file; give the image's HDF5 path with {argument('dataset')} "
                                 f"(datasets: {listing})")
             from rsciio.hspy import file_reader
 
@@ -278,7 +278,7 @@ def read_images(path, dataset: Optional[str] = None) -> List[Image]:
         with np.load(path, allow_pickle=False) as archive:  # npz
             keys = list(archive.keys())
             if dataset is None and len(keys) != 1:
-                raise UserError(f"{path}: {len(keys)} arrays ({', '.join(keys[:8])}); name one with --dataset")
+                raise UserError(f"{path}: {len(keys)} arrays ({', '.join(keys[:8])}); name one with {argument('dataset')}")
             key = dataset if dataset is not None else keys[0]
             if key not in keys:
                 raise UserError(f"{path}: no array {key!r}; arrays: {', '.join(keys[:8])}")
@@ -330,7 +330,7 @@ def pick_channels(images: Sequence[Image], channels: Sequence[str], where: str) 
             problem = "no image" if not found else f"{len(found)} images"
             raise UserError(
                 f"{where}: {problem} titled {channel!r} among {len(images)} ({_titles(images)}); the run "
-                f"expects channels {list(channels)}: give one file per channel with --channels "
+                f"expects channels {list(channels)}: give one file per channel with {argument('channels')} "
                 + ",".join(f"{c}=FILE" for c in channels))
         picked.append(found[0])
     return picked
@@ -342,11 +342,11 @@ def parse_channel_map(text: str) -> Dict[str, Path]:
     for item in [t for t in (text or "").split(",") if t.strip()]:
         name, sep, file = item.partition("=")
         if not sep or not name.strip() or not file.strip():
-            raise UserError(f"--channels {text!r}: expected NAME=FILE[,NAME=FILE...], e.g. haadf=a.dm4,abf=b.dm4")
+            raise UserError(f"{argument('channels')} {text!r}: expected NAME=FILE[,NAME=FILE...], e.g. haadf=a.dm4,abf=b.dm4")
         key = name.strip().lower()
         if key in mapping:
-            raise UserError(f"--channels: channel {key!r} given twice")
+            raise UserError(f"{argument('channels')}: channel {key!r} given twice")
         mapping[key] = Path(file.strip())
     if not mapping:
-        raise UserError("--channels: empty; expected NAME=FILE[,NAME=FILE...]")
+        raise UserError(f"{argument('channels')}: empty; expected NAME=FILE[,NAME=FILE...]")
     return mapping

@@ -10,7 +10,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from stemnet.errors import UserError
+from stemnet.errors import UserError, argument
 
 LOCK = ".lock"
 
@@ -31,7 +31,7 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise UserError(f"--out {self.path.parent}: cannot create the run folder ({err.strerror}); "
+            raise UserError(f"{argument('out')} {self.path.parent}: cannot create the run folder ({err.strerror}); "
                             "expected a writable path") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -39,7 +39,7 @@ class RunLock:
             holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "?"
             self.release()
             raise UserError(f"{self.path.parent}: another `stemnet train` (pid {holder}) is using this run "
-                            "folder; wait for it to end, or use another --out") from None
+                            f"folder; wait for it to end, or use another {argument('out')}") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from simulation import multislice
 from simulation.generator import draw_specimen, slice_thickness_ang
-from stemnet.config import load_config
+from simulation.config import load_simulation
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = (0, 1)
@@ -26,7 +26,7 @@ SLOW = ("paper",)  # ~0.7 M atoms per sample
 
 
 def potentials(config_path: Path, index: int):
-    cfg = load_config(config_path, require=("simulation",)).simulation
+    cfg = load_simulation(config_path)
     specimen, _ = draw_specimen(cfg, index)
     slice_ang = slice_thickness_ang(specimen)
     cell = np.diag(specimen.atoms.cell.array)
