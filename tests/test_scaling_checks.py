@@ -122,3 +122,21 @@ def test_flat_ring_is_one_ring_through_every_gpu():
     # latency-bound: 2.04 ms of hops against a tree's 2 x 7 across 128 nodes (+ 6 in-node steps)
     assert allreduce_seconds(1e3, n, net) > 2e-3 > 10 * allreduce_seconds(1e3, n, net, algorithm="tree")
     assert allreduce_seconds(size, 4, net) == pytest.approx(2 * 3 * 1e-6 + 2 * 3 / 4 * size / 12e9)  # one node
+
+
+def test_reductions_on_the_computing_core_do_not_hide():
+    """comm_overlaps_compute: false (CPU ranks) -- the stream's busy time adds to backprop."""
+    from stemnet.distributed.scaling import LayerCost, Workload, simulate_step
+    from stemnet.hpc.machines import Network
+
+    spec = {"gpus_per_node": 2, "max_nodes": 1, "peak_tflops": {"float32": 1.0}, "compute_efficiency": 1.0,
+            "memory_bandwidth_gbs": 10.0, "intra_node": {"bandwidth_gbs": 1.0, "latency_us": 0.0},
+            "allreduce_overhead_us": 1000.0}
+    work = Workload(tuple(LayerCost(f"l{i}", 1_000_000, 0.010) for i in range(4)), 0.005, 0.002)
+    gpu, cpu = Network.model_validate(spec), Network.model_validate({**spec, "comm_overlaps_compute": False})
+    hidden = simulate_step(work, "layer", 2, gpu)
+    serial = simulate_step(work, "layer", 2, cpu)
+    per = 1e-3 + 2 * 1 / 2 * 1e6 / 1e9  # overhead + ring of 2: 2 ms per layer
+    assert hidden.step_s == pytest.approx(0.005 + 0.040 + per + 0.002)  # only the last layer's exchange shows
+    assert serial.step_s == pytest.approx(0.005 + 0.040 + 4 * per + 0.002)
+    assert simulate_step(work, "layer", 1, cpu).step_s == pytest.approx(0.047)

@@ -57,6 +57,10 @@ Wire bytes are float32 gradients (4 bytes per parameter), halved by fp16 compres
   applies the same ticks to them). With backprop much longer than ``cycle_time_ms`` this
   hardly matters; with a sub-millisecond backprop it decides ``none`` against the rest.
 
+**No separate engine.** On CPU ranks (``comm_overlaps_compute: false``, the local
+profile) the reduction's copies and sums run on the core that computes: the step is then
+at least forward + backward + the stream's busy time + update.
+
 Not modelled: contention with other jobs, stragglers and rank skew (the negotiation wait a
 timeline shows), memory copies into fusion buffers, compute slowed by communication
 kernels, the input pipeline. The figures are a model for comparing strategies and seeing
@@ -280,7 +284,10 @@ def simulate_step(workload: Workload, strategy: str, gpus: int, network: Network
             cycle_s = dist.cycle_time_ms * 1e-3
             for group in groups:
                 reduce(_next_tick(group.ready_s, cycle_s) if cycle_groups else group.ready_s, group.nbytes)
-    step = workload.forward_s + max(backward, end) + workload.update_s
+    # without a communication engine of its own, the busy time of the reductions is taken
+    # from the compute: backprop cannot end before backward + busy
+    tail = max(backward, end) if network.comm_overlaps_compute else max(end, backward + busy)
+    step = workload.forward_s + tail + workload.update_s
     return StepTime(strategy, gpus, workload.forward_s, backward, workload.update_s, end, busy, count, step)
 
 
