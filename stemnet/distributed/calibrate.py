@@ -16,8 +16,14 @@ The parent fits ``t(S) = α + β·S`` to (1) (least squares, weighted by 1/t so 
 and large messages count alike), writes α and β into the machine profile's ``network:``
 section (two ranks on one node: ``intra_node.bandwidth_gbs = 1/β``; α, which with two
 ranks cannot be told apart from the per-step latency, goes to ``allreduce_overhead_us``
-and ``intra_node.latency_us`` is 0), and predicts (3) from (2) with the calibrated
-network: prediction against measurement per strategy.
+and ``intra_node.latency_us`` is 0; ``comm_overlaps_compute`` is false: on CPU ranks Gloo's
+copies and sums run on the cores that compute), and predicts (3) from (2) with the
+calibrated network: prediction against measurement per strategy.
+
+The whole job runs at a short Horovod cycle (``CALIBRATION_CYCLE_MS``): each allreduce of
+the chain waits for the background thread's next tick, so at the config's cycle α would be
+the cycle and the model (which adds ticks itself) would count it twice. The prediction
+quantises every group to the cycle (``cycle_groups=True``), as Horovod does.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from stemnet.shipped import shipped_dir
 DEFAULT_CONFIG = shipped_dir("configs") / "training" / "demo.yaml"
 DEFAULT_SIZES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)  # the demo model: 0.27 MiB
 CHAIN = 8  # allreduces per timed call
+CALIBRATION_CYCLE_MS = 0.1  # HOROVOD_CYCLE_TIME of the calibration job (see calibrate())
 
 
 # ------------------------------------------------------------------ inside horovodrun
@@ -125,7 +132,7 @@ def run_worker(config: Path, input_shape, batch: int, steps: int, sizes, repeats
 def calibrate(config, machine: str = "local", *, input_shape=(16, 16, 2), batch: int = 16, steps: int = 20,
               sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 10, probes: int = 8,
               strategies: Sequence[str] = ("none", "count:4", "layer", "graph"),
-              write: Optional[Path] = None) -> dict:
+              write: Optional[Path] = None, cycle_time_ms: float = CALIBRATION_CYCLE_MS) -> dict:
     """Measure, fit, predict; optionally write the calibrated profile to ``write``. JSON-ready."""
     import yaml
 
@@ -141,8 +148,14 @@ def calibrate(config, machine: str = "local", *, input_shape=(16, 16, 2), batch:
         raise ProfileError(f"{argument('machine')} {machine}: network.gpus_per_node is {profile.network.gpus_per_node}; "
                          "calibration runs 2 ranks on one node, expected at least 2")
     load = machine_load()
+    # The whole job (allreduce chain and measured steps) runs at one short Horovod cycle:
+    # each allreduce of the chain waits for the background thread's next tick, so with the
+    # config's cycle the fitted alpha would be the cycle itself, and the model, which adds
+    # the cycle ticks on its own, would count it twice. Measured and predicted steps both
+    # use this cycle, so the check compares like with like.
+    dist = cfg.distributed.model_copy(update={"cycle_time_ms": cycle_time_ms})
     # one core per rank, as the local profile describes; Horovod as the config sets it
-    env = {**horovod_environment(cfg.distributed), "OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1",
+    env = {**horovod_environment(dist), "OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1",
            "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     rows = run_worker(Path(config), input_shape, batch, steps, sizes, repeats, probes, strategies, env)
     points = [r for r in rows if r["kind"] == "allreduce"]
@@ -153,22 +166,25 @@ def calibrate(config, machine: str = "local", *, input_shape=(16, 16, 2), batch:
     network = profile.network.model_copy(update={
         "intra_node": Link(bandwidth_gbs=1.0 / fit["beta_s_per_byte"] / 1e9, latency_us=0.0),
         "allreduce_overhead_us": fit["alpha_s"] * 1e6,
+        # 2 ranks on a CPU: Gloo's copies and sums run on the cores that compute
+        "comm_overlaps_compute": False,
         "calibration": {"by": "stemnet scaling --calibrate", "when": stamp, "machine_state": load,
                         "fit": f"t = {fit['alpha_s'] * 1e6:.1f} us + S / {1 / fit['beta_s_per_byte'] / 1e9:.3g} GB/s "
                                f"over {len(points)} sizes {points[0]['bytes']}..{points[-1]['bytes']} B, "
-                               "2 ranks, horovodrun --gloo, Average, float32"},
+                               f"2 ranks, horovodrun --gloo, Average, float32, HOROVOD_CYCLE_TIME {cycle_time_ms:g} ms"},
     })
     work = Workload(tuple(LayerCost(n, int(b), float(s)) for n, b, s in work_row["layers"]),
                     work_row["forward_s"], work_row["update_s"],
                     tuple((int(i), int(b)) for i, b in work_row["tape_order"]), work_row["source"])
     strategies_out = {}
     for s in strategies:
-        predicted = simulate_step(work, s, 2, network, dist=cfg.distributed)
+        # Horovod makes explicit groups wait for the next cycle tick too (cycle_groups)
+        predicted = simulate_step(work, s, 2, network, dist=dist, cycle_groups=True)
         m = measured[s]["step_s"]
         strategies_out[s] = {"measured_step_s": m, "predicted_step_s": predicted.step_s,
                              "error": predicted.step_s / m - 1, "allreduces": predicted.allreduces,
                              "groups": measured[s]["groups"]}
-    result = {"machine": str(machine), "machine_state": load, "config": str(config), "input_shape": list(input_shape),
+    result = {"machine": str(machine), "machine_state": load, "cycle_time_ms": cycle_time_ms, "config": str(config), "input_shape": list(input_shape),
               "batch_per_rank": batch, "allreduce": points, "fit": fit, "network": network.model_dump(),
               "workload": {"source": work.source, "forward_s": work.forward_s, "backward_s": work.backward_s,
                            "update_s": work.update_s, "grad_bytes": work.grad_bytes},
@@ -195,7 +211,8 @@ def format_calibration(result: dict) -> str:
               f"compute ({w['source']}): forward {w['forward_s'] * 1e3:.3g} ms, backward {w['backward_s'] * 1e3:.3g} "
               f"ms, update {w['update_s'] * 1e3:.3g} ms; gradients {w['grad_bytes'] / 2**20:.3g} MiB",
               f"2-rank step of {Path(result['config']).name}, input {','.join(map(str, result['input_shape']))}, "
-              f"batch {result['batch_per_rank']}/rank:",
+              f"batch {result['batch_per_rank']}/rank, HOROVOD_CYCLE_TIME {result['cycle_time_ms']:g} ms "
+              "(model: reductions on the computing cores, groups wait for cycle ticks):",
               f"{'strategy':>9} {'groups':>7} {'measured ms':>12} {'model ms':>9} {'error':>7}"]
     for s, r in result["strategies"].items():
         lines.append(f"{s:>9} {str(r['groups']):>7} {r['measured_step_s'] * 1e3:>12.2f} "

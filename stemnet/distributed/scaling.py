@@ -31,7 +31,8 @@ node, M = ⌈N/L⌉ nodes; α latency per step, B bandwidth per direction):
   ring ``2(M-1)·α_inter + 2(M-1)/M · S/B_node``, or
   tree (NCCL's double binary tree, pipelined) ``2⌈log2 M⌉·α_inter + 2·S/B_node``;
 - or, ``algorithm: flat`` (NCCL rings before hierarchies and trees), one ring through all
-  N GPUs: ``2(N-1)·α_inter + 2(N-1)/N · S/min(B_intra, B_node)``;
+  N GPUs: ``2(N-M)·α_intra + 2(M-1)·α_inter + 2(N-1)/N · S/min(B_intra, B_node)`` (of a
+  chunk's 2(N-1) hops only 2(M-1) cross the network, as in NCCL's own tuning model);
 - plus ``allreduce_overhead`` per allreduce (Horovod's launch and, with the response
   cache, its small per-cycle coordination).
 
@@ -55,6 +56,10 @@ Wire bytes are float32 gradients (4 bytes per parameter), halved by fp16 compres
   in Horovod they too wait for the next cycle (``cycle_groups=True``, ``--cycle-groups``,
   applies the same ticks to them). With backprop much longer than ``cycle_time_ms`` this
   hardly matters; with a sub-millisecond backprop it decides ``none`` against the rest.
+
+**No separate engine.** On CPU ranks (``comm_overlaps_compute: false``, the local
+profile) the reduction's copies and sums run on the core that computes: the step is then
+at least forward + backward + the stream's busy time + update.
 
 Not modelled: contention with other jobs, stragglers and rank skew (the negotiation wait a
 timeline shows), memory copies into fusion buffers, compute slowed by communication
@@ -117,7 +122,12 @@ def allreduce_seconds(nbytes: float, gpus: int, network: Network, algorithm: Opt
     if nodes > 1 and network.inter_node is not None and (algorithm or network.inter_node.algorithm) == "flat":
         inter = network.inter_node  # one ring through all GPUs, its bytes at the slowest link
         slowest = min(intra.bandwidth_gbs, inter.bandwidth_gbs) * 1e9
-        return 2 * (gpus - 1) * inter.latency_us * 1e-6 + 2 * (gpus - 1) / gpus * nbytes / slowest
+        # a chunk's path: 2(N-1) hops, of which 2(M-1) cross the network (the ring enters and
+        # leaves each node once per pass); the others stay inside a node (NCCL's own tuning
+        # model, src/graph/tuning.cc: (nsteps - nInterSteps)*intraLat + nInterSteps*interLat)
+        inter_steps = 2 * (nodes - 1)
+        latency = (2 * (gpus - 1) - inter_steps) * intra.latency_us + inter_steps * inter.latency_us
+        return latency * 1e-6 + 2 * (gpus - 1) / gpus * nbytes / slowest
     t = 2 * (local - 1) * intra.latency_us * 1e-6 + 2 * (local - 1) / local * nbytes / (intra.bandwidth_gbs * 1e9)
     if nodes > 1:
         inter = network.inter_node
@@ -275,7 +285,10 @@ def simulate_step(workload: Workload, strategy: str, gpus: int, network: Network
             cycle_s = dist.cycle_time_ms * 1e-3
             for group in groups:
                 reduce(_next_tick(group.ready_s, cycle_s) if cycle_groups else group.ready_s, group.nbytes)
-    step = workload.forward_s + max(backward, end) + workload.update_s
+    # without a communication engine of its own, the busy time of the reductions is taken
+    # from the compute: backprop cannot end before backward + busy
+    tail = max(backward, end) if network.comm_overlaps_compute else max(end, backward + busy)
+    step = workload.forward_s + tail + workload.update_s
     return StepTime(strategy, gpus, workload.forward_s, backward, workload.update_s, end, busy, count, step)
 
 

@@ -28,7 +28,8 @@ from stemnet.shipped import shipped_dir
 
 SCALING_DIR = shipped_dir("configs") / "scaling"
 NEEDS_SOURCE = ("gpus", "published_efficiency", "params", "batch_per_gpu", "samples_per_s_per_gpu",
-                "machine", "backward_fraction", "layers", "grad_bytes_per_param", "strategy")
+                "machine", "backward_fraction", "layers", "grad_bytes_per_param", "update_bytes_per_param",
+                "strategy")
 
 
 class Head(BaseModel):
@@ -55,6 +56,7 @@ class PublishedPoint(BaseModel):
     layers: PositiveInt = 100
     head: Optional[Head] = None
     grad_bytes_per_param: Literal[2, 4] = 4  # float32 gradients, or fp16 (compressed or fp16 training)
+    update_bytes_per_param: PositiveInt = 28  # optimizer memory traffic: Adam 28, momentum SGD 20, SGD 12
     strategy: str = "none"
     distributed: Dict[str, float] = Field(default_factory=dict)  # DistributedConfig fields
     sources: Dict[str, str]
@@ -88,9 +90,9 @@ def load_point(path: Path) -> PublishedPoint:
 
 def workload_of(point: PublishedPoint, network):
     """The per-GPU workload: the one-GPU step split into forward, backward (by layer), update."""
-    from stemnet.distributed.workload import ADAM_BYTES_PER_PARAM, LayerCost, Workload
+    from stemnet.distributed.workload import LayerCost, Workload
 
-    update = point.params * ADAM_BYTES_PER_PARAM / (network.memory_bandwidth_gbs * 1e9)
+    update = point.params * point.update_bytes_per_param / (network.memory_bandwidth_gbs * 1e9)
     backward = point.step_s * point.backward_fraction
     forward = max(point.step_s - backward - update, 0.0)
     grad = point.params * point.grad_bytes_per_param

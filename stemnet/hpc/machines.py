@@ -203,6 +203,10 @@ class Network(_Strict):
     intra_node: Link
     inter_node: Optional[InterNodeLink] = None
     allreduce_overhead_us: NonNegativeFloat = 0.0
+    # False where the reduction runs on the cores that compute (CPU ranks with Gloo: the
+    # copies and sums of an allreduce take the rank's core from backprop); True for GPUs,
+    # whose NCCL stream and NIC run beside the compute kernels.
+    comm_overlaps_compute: bool = True
     calibration: Dict[str, str] = Field(default_factory=dict)  # how the figures were obtained
 
     @model_validator(mode="after")
