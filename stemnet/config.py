@@ -32,6 +32,9 @@ PositiveInt = typing.Annotated[int, Field(gt=0)]
 PositiveFloat = typing.Annotated[float, Field(gt=0)]
 NonNegativeFloat = typing.Annotated[float, Field(ge=0)]
 Fraction = typing.Annotated[float, Field(ge=0, le=1)]
+# What a model can be trained to predict: the names of stemnet.data.layout.TARGETS (a test
+# checks they agree; the config module does not import the data package)
+Target = Literal["potential", "displacement", "tilt"]
 
 
 class ConfigError(UserError, ValueError):
@@ -58,7 +61,7 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     batch_norm: bool = True
     coordconv: bool = False
-    heads: Dict[Literal["potential", "displacement"], PositiveInt] = Field(
+    heads: Dict[Target, PositiveInt] = Field(
         default_factory=lambda: {"potential": 1, "displacement": 9}
     )
 
@@ -79,7 +82,7 @@ class TrainConfig(Section):
     ema_decay: Optional[Fraction] = None
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
     loss: Literal["l1", "mse", "huber"] = "mse"
-    head_weights: Dict[Literal["potential", "displacement"], NonNegativeFloat] = Field(
+    head_weights: Dict[Target, NonNegativeFloat] = Field(
         default_factory=lambda: {"potential": 1.0, "displacement": 1.0}
     )
     val_every: PositiveInt = 50
@@ -92,7 +95,7 @@ class TrainConfig(Section):
 class DataConfig(Section):
     """Input pipeline: targets, normalisation, augmentation."""
 
-    targets: List[Literal["potential", "displacement"]] = Field(
+    targets: List[Target] = Field(
         default_factory=lambda: ["potential", "displacement"], min_length=1
     )
     cbed_normalization: Literal["none", "sqrt", "log1p", "standardize"] = "sqrt"

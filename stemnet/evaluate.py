@@ -15,6 +15,11 @@ tilt θ about z every such column moves ⊥ to its B–O–B bond by (a/2)·tan 
 θ = atan(2·rms|d_xy| / a), per sample; reported as the mean absolute error of θ
 recovered from the prediction against θ recovered from the truth.
 
+tilt maps (degrees), when the run predicts them: the mean absolute error of the per-cell
+octahedral tilt about x, y and z (``tilt_map_mae_deg_x`` …) over every pixel (the maps are
+constant over each cell, so this is the cell-area-weighted mean over cells), and about x
+and y together (``tilt_map_mae_deg_out_of_plane``).
+
 Baselines, in the same table: ``zero`` (no displacement; the potential's training mean,
 a constant) and ``mean`` (the per-pixel mean maps of the training split); for STEM-image
 inputs also ``column-fit`` (classical: each column's intensity centroid on the HAADF image
@@ -31,7 +36,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from stemnet.data.layout import COMPONENTS, DISPLACEMENT_CHANNELS, SUBLATTICES, displacement_channel
+from stemnet.data.layout import COMPONENTS, DISPLACEMENT_CHANNELS, SUBLATTICES, TILT_CHANNELS, displacement_channel
 from stemnet.errors import UserError
 from stemnet.log import get_logger
 from stemnet.reconstruct.peaks import find_peaks
@@ -121,7 +126,18 @@ def score(truth: Dict[str, np.ndarray], pred: Dict[str, np.ndarray], a_ang: np.n
         tilt_true = tilt_about_beam(truth["displacement"], mask, a_ang)
         tilt_pred = tilt_about_beam(pred["displacement"], mask, a_ang)
         result["tilt_mae_deg"] = float(np.mean(np.abs(tilt_pred - tilt_true)))
+    if "tilt" in truth and "tilt" in pred:
+        result.update(tilt_map_mae(truth["tilt"], pred["tilt"]))
     return result
+
+
+def tilt_map_mae(truth: np.ndarray, pred: np.ndarray) -> Dict[str, float]:
+    """MAE (degrees) of (N, H, W, 3) tilt maps per axis (``tilt_map_mae_deg_x``, ``_y``,
+    ``_z``) and about the in-plane axes x and y together (``_out_of_plane``)."""
+    err = np.abs(np.asarray(pred, np.float64) - np.asarray(truth, np.float64)).reshape(-1, len(TILT_CHANNELS))
+    out = {f"tilt_map_mae_deg_{axis}": float(v) for axis, v in zip("xyz", err.mean(axis=0))}
+    out["tilt_map_mae_deg_out_of_plane"] = float(err[:, :2].mean())
+    return out
 
 
 # ----------------------------------------------------------------------- baselines
@@ -254,6 +270,8 @@ def evaluate(run_dir, data_dir, split: str = "test", *, batch_size: int = 16,
         zero["potential"] = np.full_like(truth["potential"], norm.potential_mean)
     if "displacement" in truth:
         zero["displacement"] = np.zeros_like(truth["displacement"])
+    if "tilt" in truth:
+        zero["tilt"] = np.zeros_like(truth["tilt"])
     results["zero"] = score(truth, zero, a_ang)
     means = _training_means(data_dir, info, norm, batch_size)
     results["mean"] = score(truth, {k: np.broadcast_to(v, truth[k].shape) for k, v in means.items()}, a_ang)
@@ -276,7 +294,8 @@ def evaluate(run_dir, data_dir, split: str = "test", *, batch_size: int = 16,
 def format_table(summary: dict) -> str:
     """The metrics as a text table: one row per predictor."""
     rows = []
-    header = f"{'predictor':<11} {'pot R2':>8} {'PSNR dB':>8} {'SSIM':>6} {'disp RMSE Å':>12} {'tilt MAE °':>10}"
+    header = (f"{'predictor':<11} {'pot R2':>8} {'PSNR dB':>8} {'SSIM':>6} {'disp RMSE Å':>12} {'tilt MAE °':>10} "
+              f"{'tilt map x/y/z MAE °':>20}")
     rows.append(header)
     rows.append("-" * len(header))
     for name, m in summary["metrics"].items():
@@ -285,7 +304,8 @@ def format_table(summary: dict) -> str:
             return format(value, spec) if isinstance(value, (int, float)) else "-"
         rows.append(f"{name:<11} {fmt('potential_r2', '8.3f'):>8} {fmt('potential_psnr_db', '8.2f'):>8} "
                     f"{fmt('potential_ssim', '6.3f'):>6} {fmt('displacement_rmse_all_ang', '12.4f'):>12} "
-                    f"{fmt('tilt_mae_deg', '10.2f'):>10}")
+                    f"{fmt('tilt_mae_deg', '10.2f'):>10} "
+                    f"{'/'.join(fmt(f'tilt_map_mae_deg_{a}', '.2f') for a in 'xyz'):>20}")
     return "\n".join(rows)
 
 

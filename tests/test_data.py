@@ -250,6 +250,33 @@ def test_displacement_follows_the_moved_column():
     assert rot["displacement"][3:5, site[0], site[1]] == pytest.approx([1.0, -2.0])
 
 
+def test_tilt_turns_as_an_axial_vector_not_a_polar_one():
+    """augment_sample moves the tilt map with the symmetry and turns the angles about
+    (x, y, z) as an axial vector, det(R)·R·t: a mirror of x keeps the tilt about x and
+    flips those about y and z, where a polar vector (dx, dy, dz) would flip dx only."""
+    hw = 8
+    t = np.stack([np.full((hw, hw), v, np.float32) for v in (1.0, 2.0, 3.0)])
+    t[:, 0, 0] = (5.0, 6.0, 7.0)  # one marked pixel follows the map
+    expected = {  # element -> (tilt at every pixel, the marked pixel's new [row, col])
+        (0, 0, 0): ((1, 2, 3), (0, 0)), (0, 0, 1): ((1, -2, -3), (0, 7)), (0, 1, 0): ((-1, 2, -3), (7, 0)),
+        (0, 1, 1): ((-1, -2, 3), (7, 7)), (1, 0, 0): ((-2, -1, -3), (0, 0)), (1, 1, 0): ((2, -1, 3), (7, 0)),
+        (1, 0, 1): ((-2, 1, 3), (0, 7)), (1, 1, 1): ((2, 1, -3), (7, 7)),
+    }
+    polar_like = 0
+    for element, (values, (r, c)) in expected.items():
+        out = augment_sample({"tilt": t}, element)["tilt"]
+        np.testing.assert_array_equal(out[:, 4, 3], values, err_msg=str(element))
+        assert abs(out[2, r, c]) == 7.0, element
+        det = (-1) ** sum(element)  # rotations keep the tilt about the beam, mirrors flip it
+        assert out[2, 4, 3] == det * 3.0
+        # the same element on a polar vector (dx, dy, dz) of the B sublattice
+        d = np.zeros((9, hw, hw), np.float32)
+        d[3:6] = t
+        polar = augment_sample({"displacement": d}, element)["displacement"][3:6, 4, 3]
+        polar_like += np.array_equal(polar, out[:, 4, 3])
+    assert polar_like == 4  # only the four rotations agree with a polar transform
+
+
 def cbed_of(potential, n, origin):
     """A toy 4D-STEM forward model with the true symmetry behaviour: the pattern of probe
     (iy, ix) is the s x s patch of the map centred on the probe, indexed [ky, kx]."""
@@ -276,11 +303,15 @@ def test_cbed_transforms_probe_grid_and_patterns_together(origin):
 
 
 def test_pipeline_applies_the_reference_transform(tmp_path):
-    root = build(tmp_path / "d", counts=(24, 24))
+    """The compiled gather (GatherTables) makes exactly what augment_sample makes, the tilt
+    angles included (channel-dependent offsets make a swapped or mis-signed channel show)."""
+    fields = dict(make_fields(), tilt=FieldSpec((3, 8, 8), "<f4"))
+    root = build(tmp_path / "d", counts=(24, 24), fields=fields)
     norm = Normalization.from_manifest(read_manifest(root), "none")
-    fields = make_fields()
+    assert norm.tilt_scale > 1.0  # RMS of the offsets 0, 1, 2 + U(0, 1)
     pot = norm.potential_mean, norm.potential_std
-    ds = make_dataset(root, batch_size=8, augment=True, cbed_normalization="none", include_index=True, seed=4)
+    ds = make_dataset(root, batch_size=8, augment=True, cbed_normalization="none", include_index=True, seed=4,
+                      targets=("potential", "displacement", "tilt"))
     used = set()
     for x, t in batches(ds):
         for b in range(len(x)):
@@ -292,7 +323,9 @@ def test_pipeline_applies_the_reference_transform(tmp_path):
                         and np.allclose(t["potential"][b, ..., 0] * pot[1] + pot[0], ref["potential"][0], atol=1e-5)
                         and np.allclose(t["displacement"][b] * norm.displacement_scale,
                                         ref["displacement"].transpose(1, 2, 0), rtol=1e-6, atol=1e-7)
-                        and np.array_equal(t["displacement_mask"][b, ..., 3], ref["columns"][1])):
+                        and np.array_equal(t["displacement_mask"][b, ..., 3], ref["columns"][1])
+                        and np.allclose(t["tilt"][b] * norm.tilt_scale, ref["tilt"].transpose(1, 2, 0),
+                                        rtol=1e-6, atol=1e-6)):
                     matches.append(element)
             assert len(matches) == 1, matches
             used.add(matches[0])

@@ -13,6 +13,9 @@ from stemnet.data.layout import (
     d4_vectors,
     displacement_channel,
     element_index,
+    TARGETS,
+    tilt_table,
+    tilt_vectors,
 )
 
 
@@ -25,6 +28,21 @@ def test_channel_names_and_indices():
     # a transpose swaps dx and dy of every sublattice, dz stays
     assert SWAP_XY.tolist() == [1, 0, 2, 4, 3, 5, 7, 6, 8]
     assert [element_index(e) for e in ELEMENTS] == list(range(8))
+
+
+def test_config_targets_are_the_layout_targets():
+    import typing
+
+    from stemnet.config import Target
+
+    assert typing.get_args(Target) == TARGETS == ("potential", "displacement", "tilt")
+
+
+def test_tilt_gather_table_is_tilt_vectors():
+    t = np.array([[1.0, 2.0, 3.0], [-0.5, 4.0, 0.25]])
+    for e in ELEMENTS:
+        source, sign = tilt_table(e)
+        np.testing.assert_array_equal(t[:, source] * sign, tilt_vectors(t, e))
 
 
 @pytest.mark.parametrize("origin", [0.5, 0.0])

@@ -1,7 +1,10 @@
 """Augmentation by the eight symmetries of the square, on samples and as gather tables.
 
 Every real-space map is moved by the symmetry (:func:`stemnet.data.layout.d4_array`);
-displacement vectors also turn (:func:`~stemnet.data.layout.d4_vectors`). For CBED, the
+displacement vectors also turn (:func:`~stemnet.data.layout.d4_vectors`), and the tilt
+angles turn as axial vectors (:func:`~stemnet.data.layout.tilt_vectors`: under a mirror
+their in-plane components turn like a polar vector's times −1 and the tilt about z
+changes sign, where a polar dz would not). For CBED, the
 same transform permutes the probe grid (channels, ``[iy, ix]``) *and* is applied to
 each diffraction pattern (``[ky, kx]``): a real-space rotation or mirror rotates or
 mirrors reciprocal space identically. Maps and patterns are taken as sampled at pixel
@@ -31,6 +34,8 @@ from stemnet.data.layout import (
     d4_array,
     d4_signs,
     d4_vectors,
+    tilt_table,
+    tilt_vectors,
 )
 from stemnet.errors import UserError
 
@@ -57,6 +62,9 @@ def augment_sample(sample: Dict[str, np.ndarray], element: Sequence[int], *,
         value = np.asarray(value)
         if name == "displacement":
             out[name] = d4_vectors(d4_array(value, element), element, channel_axis=0)
+        elif name == "tilt":
+            out[name] = np.ascontiguousarray(np.moveaxis(tilt_vectors(np.moveaxis(d4_array(value, element), 0, -1),
+                                                                      element), -1, 0))
         elif name == "cbed" and grid is not None:
             gx, gy = grid
             k1, k2 = value.shape[-2:]
@@ -110,3 +118,6 @@ class GatherTables:
         # the mask of each displacement channel is its sublattice's column map
         self.mask_chan = np.tile(np.repeat(np.arange(len(SUBLATTICES)), per_sublattice), (len(ELEMENTS), 1))
         self.scalar_chan = np.zeros((len(ELEMENTS), 1), np.int64)
+        tilt = [tilt_table(e) for e in ELEMENTS]  # tilt angles: an axial vector
+        self.tilt_chan = np.stack([chan for chan, _ in tilt])
+        self.tilt_sign = np.stack([sign for _, sign in tilt])

@@ -23,23 +23,23 @@ from stemnet.errors import UserError
 from stemnet.shards import header_fields, simulation_section
 
 # ------------------------------------------------------------------------------ fields
-TARGETS = ("potential", "displacement")  # what a model can be trained to predict
+TARGETS = ("potential", "displacement", "tilt")  # what a model can be trained to predict
 SUBLATTICES = ("A", "B", "O")  # perovskite ABO3 column sublattices, in channel order
 COMPONENTS = ("dx", "dy", "dz")  # displacement components (Å)
 DISPLACEMENT_CHANNELS = tuple(f"{s}_{c}" for s in SUBLATTICES for c in COMPONENTS)
+TILT_CHANNELS = ("tilt_x_deg", "tilt_y_deg", "tilt_z_deg")  # octahedral tilt about x, y, z (deg)
 # Label fields on the real-space map grid and how each transforms under a symmetry:
 # "scalar" (moved as a map), "vector" (moved, and its (dx, dy) components turned).
-# A new label field (e.g. ``tilt``, (3, H, W) angles about x, y, z) is added here with
-# its channel names and transform, and, if predictable, to TARGETS.
 # "axial": the per-cell octahedral tilt angles (deg) about x, y, z, a pseudovector (a mirror
-# turns it and flips its sign); not read by the training pipeline yet.
+# turns it and flips its sign, :func:`tilt_vectors`). A new label field is added here with
+# its channel names and transform, and, if predictable, to TARGETS.
 LABEL_FIELDS: Dict[str, str] = {"potential": "scalar", "displacement": "vector", "columns": "scalar",
                                 "tilt": "axial"}
 LABEL_CHANNELS: Dict[str, Tuple[str, ...]] = {
     "potential": ("potential",),
     "displacement": DISPLACEMENT_CHANNELS,
     "columns": SUBLATTICES,
-    "tilt": ("tilt_x_deg", "tilt_y_deg", "tilt_z_deg"),
+    "tilt": TILT_CHANNELS,
 }
 TARGET_FIELDS = tuple(LABEL_FIELDS)
 INPUT_FIELDS = ("cbed", "stem")
@@ -146,6 +146,16 @@ def tilt_vectors(t: np.ndarray, element) -> np.ndarray:
     if fx:
         t = t * np.array([1.0, -1.0, -1.0], t.dtype)
     return t
+
+
+def tilt_table(element) -> Tuple[np.ndarray, np.ndarray]:
+    """``(source channel, sign)`` of each of the 3 tilt channels under ``element``:
+    ``tilt_vectors(t, element)[j] == sign[j] * t[source[j]]`` (read off
+    :func:`tilt_vectors` applied to the basis vectors, so the two cannot disagree)."""
+    basis = tilt_vectors(np.eye(len(TILT_CHANNELS)), element)  # row i: the image of e_i
+    source = np.argmax(np.abs(basis), axis=0)
+    sign = basis[source, np.arange(len(TILT_CHANNELS))]
+    return source.astype(np.int64), sign.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ a dataset's fields

@@ -1,5 +1,5 @@
 """One batch of records → one packed float32 array: read, check, then one compiled
-gather per field (channels-first → channels-last, symmetry, normalisation, vector signs,
+gather per field (channels-first → channels-last, symmetry, normalisation, vector and axial-vector signs,
 mask, NaN/Inf check).
 
 A batch is one ``tf.numpy_function`` call (:class:`BatchLoader`): one LMDB transaction
@@ -224,6 +224,8 @@ class BatchLoader:
         if "displacement" in self.targets:
             out.append(("displacement", np.float32, (h, w, 9)))
             out.append(("displacement_mask", np.float32, (h, w, 9)))
+        if "tilt" in self.targets:
+            out.append(("tilt", np.float32, (h, w, 3)))
         out.append(("weight", np.float32, ()))
         if self.include_index:
             out.append(("index", np.int64, ()))
@@ -365,11 +367,14 @@ class BatchLoader:
                 run("columns", arrays["displacement_mask"], t.mask_chan, t.map_pix, 0.0, 1.0)
             else:
                 arrays["displacement_mask"][...] = 1.0
+        if "tilt" in arrays:
+            _, mul = norm.target_terms("tilt")
+            run("tilt", arrays["tilt"], t.tilt_chan, t.map_pix, 0.0, t.tilt_sign[elements] * mul)
         return finite
 
     def _skip(self, arrays, i, weights, message, ident):
         weights[i] = 0.0
-        for name in ("inputs", "potential", "displacement", "displacement_mask", "params"):
+        for name in ("inputs", "potential", "displacement", "displacement_mask", "tilt", "params"):
             if name in arrays:
                 arrays[name][i] = 0
         with self._count_lock:

@@ -39,6 +39,9 @@ class Normalization:
     - displacement: divided by ``displacement_scale`` (Å), the root-mean-square
       displacement at column sites estimated from the statistics (``sqrt(E[d²] /
       E[columns])``), so the network regresses O(1) numbers; :meth:`denormalize` gives Å.
+    - tilt: divided by ``tilt_scale`` (degrees), the root-mean-square tilt angle over all
+      three channels and pixels (one scale for the three axes: a symmetry swaps the tilts
+      about x and y, so per-axis scales would break the augmentation's equivariance).
     """
 
     kind: str
@@ -49,6 +52,7 @@ class Normalization:
     potential_mean: float = 0.0
     potential_std: float = 1.0
     displacement_scale: float = 1.0
+    tilt_scale: float = 1.0
 
     def __post_init__(self):
         allowed = CBED_NORMALIZATIONS if self.kind == "cbed" else STEM_NORMALIZATIONS
@@ -69,7 +73,7 @@ class Normalization:
         pot = stats.get("potential") or {"mean": 0.0, "std": 1.0}
         common = dict(potential_mean=float(pot["mean"] or 0.0),
                       potential_std=_safe_std(pot.get("std")),
-                      displacement_scale=_displacement_scale(stats))
+                      displacement_scale=_displacement_scale(stats), tilt_scale=_rms_scale(stats.get("tilt")))
         if kind == "cbed":
             if cbed_normalization not in CBED_NORMALIZATIONS:
                 raise UserError(
@@ -87,7 +91,7 @@ class Normalization:
         return {"kind": self.kind, "method": self.method, "scale": self.scale,
                 "channel_mean": list(self.channel_mean), "channel_std": list(self.channel_std),
                 "potential_mean": self.potential_mean, "potential_std": self.potential_std,
-                "displacement_scale": self.displacement_scale}
+                "displacement_scale": self.displacement_scale, "tilt_scale": self.tilt_scale}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Normalization":
@@ -122,7 +126,9 @@ class Normalization:
             return np.float32(self.potential_mean), np.float32(1.0 / self.potential_std)
         if name == "displacement":
             return np.float32(0.0), np.float32(1.0 / self.displacement_scale)
-        raise UserError(f"target {name!r}: expected 'potential' or 'displacement'")
+        if name == "tilt":
+            return np.float32(0.0), np.float32(1.0 / self.tilt_scale)
+        raise UserError(f"target {name!r}: expected 'potential', 'displacement' or 'tilt'")
 
     def inputs(self, x: np.ndarray, *, channels_last: bool = True, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Normalised float32 inputs of shape ``(..., H, W, C)`` (or ``(..., C, H, W)``).
@@ -164,9 +170,9 @@ class Normalization:
 
     # -- inverse
     def denormalize(self, predictions) -> dict:
-        """Predictions in physical units: potential in V·Å, displacement in Å.
+        """Predictions in physical units: potential in V·Å, displacement in Å, tilt in degrees.
 
-        ``predictions``: a dict with ``potential`` and/or ``displacement`` (numpy or
+        ``predictions``: a dict with ``potential``, ``displacement``, ``tilt`` (numpy or
         tensors), or a bare potential array.
         """
         if not isinstance(predictions, dict):
@@ -178,6 +184,8 @@ class Normalization:
                 value = value * np.float32(self.potential_std) + np.float32(self.potential_mean)
             elif key == "displacement":
                 value = value * np.float32(self.displacement_scale)
+            elif key == "tilt":
+                value = value * np.float32(self.tilt_scale)
             out[key] = value
         return out
 
@@ -204,6 +212,14 @@ def _displacement_scale(stats: dict) -> float:
         return 1.0
     second = float(d.get("std") or 0.0) ** 2 + float(d.get("mean") or 0.0) ** 2
     scale = math.sqrt(second / float(c["mean"]))
+    return scale if scale > 1e-4 else 1.0
+
+
+def _rms_scale(stats: Optional[dict]) -> float:
+    """RMS value of a field over all its channels and pixels, sqrt(std² + mean²); 1 if absent or ~0."""
+    if not stats:
+        return 1.0
+    scale = math.sqrt(float(stats.get("std") or 0.0) ** 2 + float(stats.get("mean") or 0.0) ** 2)
     return scale if scale > 1e-4 else 1.0
 
 

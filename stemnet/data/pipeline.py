@@ -10,7 +10,9 @@ batches (as Keras models consume them). :func:`make_dataset` yields ``(inputs, t
   statistics), ``displacement`` ``(B, H, W, 9)`` (in units of
   ``Normalization.displacement_scale`` Å, channels ``A_dx, A_dy, A_dz, B_dx, …, O_dz``),
   ``displacement_mask`` ``(B, H, W, 9)`` (the ``columns`` weight of each channel's
-  sublattice, repeated over dx, dy, dz) and ``weight`` ``(B,)`` (1 for a real sample, 0
+  sublattice, repeated over dx, dy, dz), ``tilt`` ``(B, H, W, 3)`` (the per-cell
+  octahedral tilt about x, y, z, in units of ``Normalization.tilt_scale`` degrees;
+  unmasked: the map is defined everywhere) and ``weight`` ``(B,)`` (1 for a real sample, 0
   for padding: losses must be weighted by it); optionally ``index`` (global sample
   index, int64) and ``params`` (float32 parameter vector).
 
@@ -55,7 +57,7 @@ class DatasetOptions:
 
     Attributes
     ----------
-    targets : sequence of {'potential', 'displacement'}
+    targets : sequence of {'potential', 'displacement', 'tilt'}
     shuffle, seed : bool, int
         Full reshuffle of the rank's records every epoch, from ``(seed, epoch, rank)``.
     augment : bool
