@@ -270,12 +270,13 @@ def bench_data(path, *, batch_size: int, batches: Optional[int] = None, seconds:
 
 
 def synthetic_dataset(root, config=None, samples: int = 672,
-                      shards: int = 2, seed: int = 0) -> Path:
+                      shards: int = 2, seed: int = 0, tilt_labels: bool = False) -> Path:
     """A dataset with the field shapes of a simulation config (default: 8x8 probe grid of
     32x32 CBED patterns, 32x32 label maps: 315 KB per sample), written through the real
     shard writer but filled with seeded random numbers instead of simulations, for
     input-pipeline throughput at a realistic record size (the contents do not matter to
-    it: LMDB does not compress). Returns ``root``.
+    it: LMDB does not compress). ``tilt_labels`` adds the ``tilt`` field (for a training
+    config that predicts it). Returns ``root``.
     """
     import numpy as np
 
@@ -284,7 +285,8 @@ def synthetic_dataset(root, config=None, samples: int = 672,
     from simulation.generator import param_names
     from stemnet.shards import ShardWriter, finalize_manifest, shard_path
 
-    cfg = load_simulation(config or shipped("simulation/bench.yaml"))
+    cfg = load_simulation(config or shipped("simulation/bench.yaml"),
+                          ["simulation.tilt_labels=true"] if tilt_labels else [])
     specs = field_specs(cfg)
     names = param_names(cfg)
     rng = np.random.default_rng(seed)
@@ -321,7 +323,8 @@ def bench_data_pipeline(data_dir, config=None, batches: int = 200,
     result = bench_data(data_dir, batches=batches, train_step_rate=train_step_rate, **common)
     if large:
         with tempfile.TemporaryDirectory(dir=tmpdir) as tmp:
-            root = synthetic_dataset(Path(tmp) / "large", samples=(large_batches + 2) * cfg.train.batch_size)
+            root = synthetic_dataset(Path(tmp) / "large", samples=(large_batches + 2) * cfg.train.batch_size,
+                                     tilt_labels="tilt" in cfg.data.targets)
             step = bench_train(root, config, steps=10, compare=False)["ours_float32_samples_per_s"]
             result["large"] = bench_data(root, batches=large_batches, train_step_rate=step, **common)
             close_shards(root)

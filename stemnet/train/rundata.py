@@ -45,6 +45,11 @@ class RunData(BaseModel):
         from stemnet.shards import header_fields, simulation_section
 
         fields = header_fields(manifest)
+        missing = [t for t in targets if t not in fields]
+        if missing:
+            hint = " (simulate with simulation.tilt_labels: true)" if missing[0] == "tilt" else ""
+            raise UserError(f"data.targets: {missing[0]!r} is not a field of this dataset ({sorted(fields)}); "
+                            f"expected one of its label fields{hint}")
         name = input_field(manifest)
         c, h, w = fields[name].shape
         out_h, out_w = map_shape(manifest)
