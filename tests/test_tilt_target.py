@@ -1,0 +1,113 @@
+"""The per-cell octahedral tilt maps as a trained target, end to end: simulate with tilt
+labels, train a tilt head, evaluate it, reconstruct a micrograph with tilt columns, and
+score it in ``bench sim2real`` against the truth of the specimen."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+# tiny_stem with tilt labels and out-of-plane tilt systems, cheaper physics (as the
+# reconstruction tests: HAADF 40-100 mrad allows 0.08 Å multislice sampling)
+SIM_OVERRIDES = [
+    "simulation.num_samples=12", "simulation.splits={train: 0.5, val: 0.25, test: 0.25}",
+    "simulation.sampling_ang=0.08", "simulation.stem.detectors={haadf: [40.0, 100.0], abf: [10.0, 20.0]}",
+    "simulation.specimen.thickness_cells=[2,2]", "simulation.distortion.glazer=[a-a-c0, a0a0c+]",
+    "simulation.distortion.tilt_deg=[4.0,9.0]", "simulation.tilt_labels=true",
+]
+TRAIN_OVERRIDES = [
+    "data.targets=[potential, displacement, tilt]", "model.heads={potential: 1, displacement: 9, tilt: 3}",
+    "train.head_weights={potential: 1.0, displacement: 1.0, tilt: 1.0}", "train.steps=150",
+    "train.learning_rate=0.003", "train.warmup_steps=0", "train.schedule=constant", "data.augment=false",
+    "train.val_every=1000", "train.checkpoint_every=1000",
+]
+
+
+@pytest.fixture(scope="module")
+def tilt_run(tmp_path_factory):
+    from simulation.config import load_simulation
+    from simulation.generator import generate
+    from stemnet.config import load_config
+    from stemnet.train.loop import train
+
+    root = tmp_path_factory.mktemp("tilt")
+    sim = load_simulation(REPO / "configs/simulation/tiny_stem.yaml", SIM_OVERRIDES)
+    generate(sim, root / "data", workers=2, progress=False)
+    cfg = load_config(REPO / "configs/training/tiny.yaml", TRAIN_OVERRIDES, require=("model", "train"))
+    first = train(cfg, root / "data", root / "run", progress=False, max_steps=1)
+    last = train(cfg, root / "data", root / "run", progress=False)
+    return root / "run", root / "data", sim, first, last
+
+
+def test_shipped_demo_trains_the_tilt_maps():
+    from simulation.config import load_simulation
+    from stemnet.config import load_config
+
+    cfg = load_config(REPO / "configs/training/demo.yaml", require=("model", "train"))
+    assert cfg.data.targets == ["potential", "displacement", "tilt"]
+    assert cfg.model.heads["tilt"] == 3 and cfg.train.head_weights["tilt"] > 0
+    assert load_simulation(REPO / "configs/simulation/demo.yaml").tilt_labels
+
+
+def test_tilt_head_is_trained_and_recorded(tilt_run):
+    """A 3-channel tilt head in degrees: data.json and the normalisation record it, its loss
+    falls 3× on the training samples, and it beats the zero predictor there on every axis
+    (measured: 0.85× of its MAE about x and y, 0.87× about z; at inference the batch-norm
+    moving averages of 150 steps lag behind the training-mode loss)."""
+    from stemnet.data import Normalization
+    from stemnet.evaluate import evaluate
+    from stemnet.train.run import load_run
+
+    run, data, sim, first, last = tilt_run
+    info = json.loads((run / "data.json").read_text())
+    assert info["targets"] == ["potential", "displacement", "tilt"] and info["channels"]["tilt"] == 3
+    model, _, _, norm = load_run(run)
+    norm = Normalization.from_dict(norm)
+    assert 2.0 < norm.tilt_scale < 9.0  # RMS of angles drawn in 4-9° (and zeros about z or x, y)
+    out = model(np.zeros((2, 16, 16, 2), np.float32), training=False)
+    assert tuple(out["tilt"].shape) == (2, 16, 16, 3)
+    assert last["train_loss"]["tilt"] < first["train_loss"]["tilt"] / 3, (first["train_loss"], last["train_loss"])
+    metrics = evaluate(run, data, "train")["metrics"]
+    for axis in "xyz":
+        key = f"tilt_map_mae_deg_{axis}"
+        assert metrics["model"][key] < 0.95 * metrics["zero"][key], (axis, metrics["model"], metrics["zero"])
+    assert metrics["zero"]["tilt_map_mae_deg_out_of_plane"] > 1.0  # a−a−c0 samples tilt about x and y
+
+
+def test_reconstruction_has_tilt_columns(tilt_run, tmp_path):
+    """A 4×4-cell a−a−c0 crystal (7°) imaged at the run's pixel size: the output holds the
+    tilt maps (3 channels, degrees) and per B column the tilt about x, y, z with spread."""
+    import h5py
+
+    from simulation.multislice import stem_images
+    from simulation.structures import build_specimen, material_from_dict
+    from stemnet.reconstruct import reconstruct_files
+
+    run, _, sim, _, _ = tilt_run
+    spec = build_specimen(material_from_dict("SrTiO3", {"A": "Sr", "B": "Ti", "X": "O", "a": 3.905}), 4, 2,
+                          glazer="a-a-c0", tilt_deg=(7.0, 7.0, 0.0))
+    fov, n = float(spec.atoms.cell[0, 0]), 32
+    mic = sim.microscope
+    image = stem_images(spec.atoms, energy_ev=mic.energy_ev, convergence_mrad=mic.convergence_mrad, shape=(n, n),
+                        fov_ang=((0.0, 0.0), (fov, fov)), sampling_ang=sim.sampling_ang,
+                        slice_thickness_ang=spec.params["lattice_ang"][2] / 2, detectors=dict(sim.stem.detectors))
+    np.save(tmp_path / "crystal.npy", image)
+    (rec, hspy), = reconstruct_files(run, [tmp_path / "crystal.npy"], tmp_path / "out", pixel_size=fov / n,
+                                     plot=False)
+    assert rec.maps["tilt"].shape == rec.maps["potential"].shape[:2] + (3,)
+    assert rec.spread["tilt"].shape == rec.maps["tilt"].shape and np.all(rec.spread["tilt"] >= 0)
+    cols = rec.columns
+    b = cols["sublattice"] == 1
+    assert b.sum() >= 4
+    for axis in "xyz":
+        assert np.all(np.isfinite(cols[f"tilt_{axis}_deg"][b])) and np.all(np.isnan(cols[f"tilt_{axis}_deg"][~b]))
+        assert np.all(cols[f"std_tilt_{axis}_deg"][b] >= 0)
+    with h5py.File(hspy) as f:
+        names = json.dumps(list(f["Experiments"].keys()))
+    assert "tilt" in names
+    csv = (tmp_path / "out" / "crystal_columns.csv").read_text().splitlines()[0]
+    assert "tilt_x_deg" in csv and "tilt_y_deg" in csv and "tilt_z_deg" in csv
