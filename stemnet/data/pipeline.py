@@ -57,7 +57,8 @@ class DatasetOptions:
 
     Attributes
     ----------
-    targets : sequence of {'potential', 'displacement', 'tilt'}
+    targets : sequence of {'potential', 'displacement', 'tilt'}, optional
+        Default: every one of them the dataset holds.
     shuffle, seed : bool, int
         Full reshuffle of the rank's records every epoch, from ``(seed, epoch, rank)``.
     augment : bool
@@ -84,7 +85,7 @@ class DatasetOptions:
         tf.data parallelism and prefetch depth (default AUTOTUNE).
     """
 
-    targets: Tuple[str, ...] = TARGETS
+    targets: Optional[Tuple[str, ...]] = None
     shuffle: bool = True
     seed: int = 0
     augment: bool = False
@@ -176,11 +177,11 @@ def make_dataset(path, split: str = "train", *, batch_size: int, rank: int = 0, 
     opts = (options or DatasetOptions()).replace(**option_values)
     root = Path(path)
     manifest = read_manifest(root)
-    targets = tuple(opts.targets)
+    fields = header_fields(manifest)
+    targets = tuple(t for t in TARGETS if t in fields) if opts.targets is None else tuple(opts.targets)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         raise UserError(f"target {unknown[0] if unknown else None!r}: expected one or more of {list(TARGETS)}")
-    fields = header_fields(manifest)
     for t in targets:
         if t not in fields:
             raise UserError(f"{root}: target {t!r} is not a field of this dataset ({list(fields)})")
