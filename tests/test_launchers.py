@@ -8,7 +8,6 @@ for real, on small Python workers that need no TensorFlow.
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -98,7 +97,8 @@ def test_worker_configs_share_one_cluster_on_distinct_ports():
 WORKER = (
     "import json, os, sys, time\n"
     "task = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
-    "print('worker', task, len(json.loads(os.environ['TF_CONFIG'])['cluster']['worker']), flush=True)\n"
+    "n = len(json.loads(os.environ['TF_CONFIG'])['cluster']['worker'])\n"
+    "os.write(1, f'worker {task} {n}\\n'.encode())  # one write: lines of concurrent workers cannot interleave\n"
     "if task == int(sys.argv[1]): sys.exit(3)\n"
     "time.sleep(float(sys.argv[2]))\n"
 )
@@ -112,12 +112,11 @@ def test_launch_runs_every_worker_and_succeeds():
 
 
 def test_launch_stops_the_others_when_one_fails():
-    """Worker 1 exits 3 at once; the others would sleep 600 s: launch stops them and exits 3."""
-    start = time.monotonic()
+    """Worker 1 exits 3 at once; the others would sleep 600 s: launch stops them and exits 3
+    (within the subprocess timeout, far below the 600 s they would sleep)."""
     proc = subprocess.run(STEMNET + ["launch", "-n", "3", "--grace", "2", "--", sys.executable, "-c", WORKER,
                                      "1", "600"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
-    assert time.monotonic() - start < 60
     assert "worker 1 exited with code 3: stopping the other 2 worker(s)" in proc.stderr
 
 
