@@ -73,7 +73,11 @@ from ase import Atoms
 from scipy.ndimage import map_coordinates
 
 # abTEM < 1.0.10 mis-slices atoms on slice boundaries and drops top-edge ones (module notes)
-ABTEM_MISSLICES = tuple(int(p) for p in abtem.__version__.split(".")[:3]) < (1, 0, 10)
+ABTEM_VERSION = tuple(int(p) for p in abtem.__version__.split(".")[:3])
+ABTEM_MISSLICES = ABTEM_VERSION < (1, 0, 10)
+# abTEM < 1.0.11 normalises aberrated PRISM probes by sum(a_k**2) (see _prism_normalization_fix);
+# 1.0.11 uses sum(|a_k|**2) (1.0.10 still has the old line, read in its wheel)
+ABTEM_PRISM_MISNORMALISES = ABTEM_VERSION < (1, 0, 11)
 
 __all__ = [
     "num_slices",
@@ -605,14 +609,17 @@ def _annular_detectors(
 
 
 def _prism_normalization_fix(s_matrix: abtem.SMatrix, ctf: abtem.CTF) -> float:
-    """Intensity correction for abTEM 1.0.9's PRISM with an aberrated probe.
+    """Intensity correction for abTEM 1.0.9's (and 1.0.10's) PRISM with an aberrated probe.
 
     abTEM normalises the plane-wave expansion coefficients ``a_k`` of the probe by
     ``sqrt(sum(a_k ** 2))`` instead of ``sqrt(sum(|a_k| ** 2))``; with any aberration
     the ``a_k`` are complex and every intensity comes out multiplied by
     ``sum(|a_k| ** 2) / |sum(a_k ** 2)|`` (about 2 for 20 Å of defocus at 300 keV).
-    Returns the inverse of that factor (1 without aberrations).
+    Returns the inverse of that factor (1 without aberrations); 1 on abTEM >= 1.0.11,
+    which normalises by ``sum(|a_k| ** 2)`` itself.
     """
+    if not ABTEM_PRISM_MISNORMALISES:
+        return 1.0
     k = np.asarray(s_matrix.wave_vectors, dtype=np.float64)
     alpha = np.hypot(k[:, 0], k[:, 1]) * ctf.wavelength
     phi = np.arctan2(k[:, 1], k[:, 0])
