@@ -315,7 +315,7 @@ STEM_KW = dict(
     sampling_ang=0.06,
     slice_thickness_ang=A / 2,
     detectors={"bf": (0.0, 20.0), "abf": (10.0, 20.0), "haadf": (70.0, 130.0)},
-    # aberrations matter for PRISM: abTEM 1.0.9 mis-normalises aberrated S-matrix probes
+    # aberrations matter for PRISM: abTEM < 1.0.11 mis-normalises aberrated S-matrix probes
     defocus_ang=15.0,
     cs_ang=2e4,
 )

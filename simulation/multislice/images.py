@@ -10,7 +10,7 @@ from ase import Atoms
 
 from simulation.multislice.potential import build_potential, configurations
 from simulation.multislice.probe import make_probe, multislice_scan, probe_positions
-from simulation.multislice.settings import FovAng, abtem_settings, check_atoms, check_fov, check_grid
+from simulation.multislice.settings import ABTEM_PRISM_MISNORMALISES, FovAng, abtem_settings, check_atoms, check_fov, check_grid
 
 
 def default_detectors(convergence_mrad: float) -> dict[str, tuple[float, float]]:
@@ -40,14 +40,17 @@ def _annular_detectors(
 
 
 def _prism_normalization_fix(s_matrix: abtem.SMatrix, ctf: abtem.CTF) -> float:
-    """Intensity correction for abTEM 1.0.9's PRISM with an aberrated probe.
+    """Intensity correction for abTEM 1.0.9's (and 1.0.10's) PRISM with an aberrated probe.
 
     abTEM normalises the plane-wave expansion coefficients ``a_k`` of the probe by
     ``sqrt(sum(a_k ** 2))`` instead of ``sqrt(sum(|a_k| ** 2))``; with any aberration
     the ``a_k`` are complex and every intensity comes out multiplied by
     ``sum(|a_k| ** 2) / |sum(a_k ** 2)|`` (about 2 for 20 Å of defocus at 300 keV).
-    Returns the inverse of that factor (1 without aberrations).
+    Returns the inverse of that factor (1 without aberrations); 1 on abTEM >= 1.0.11,
+    which normalises by ``sum(|a_k| ** 2)`` itself.
     """
+    if not ABTEM_PRISM_MISNORMALISES:
+        return 1.0
     k = np.asarray(s_matrix.wave_vectors, dtype=np.float64)
     alpha = np.hypot(k[:, 0], k[:, 1]) * ctf.wavelength
     phi = np.arctan2(k[:, 1], k[:, 0])

@@ -10,7 +10,11 @@ import numpy as np
 from ase import Atoms
 
 # abTEM < 1.0.10 mis-slices atoms on slice boundaries and drops top-edge ones (simulation.multislice notes)
-ABTEM_MISSLICES = tuple(int(p) for p in abtem.__version__.split(".")[:3]) < (1, 0, 10)
+ABTEM_VERSION = tuple(int(p) for p in abtem.__version__.split(".")[:3])
+ABTEM_MISSLICES = ABTEM_VERSION < (1, 0, 10)
+# abTEM < 1.0.11 normalises aberrated PRISM probes by sum(a_k**2) (images.py, the PRISM fix);
+# 1.0.11 uses sum(|a_k|**2) (1.0.10 still has the old line, read in its wheel)
+ABTEM_PRISM_MISNORMALISES = ABTEM_VERSION < (1, 0, 11)
 
 FovAng = Sequence[Sequence[float]]  # ((x0, y0), (x1, y1)) [Å]
 

@@ -81,6 +81,18 @@ def group_indices(groups, variables: Sequence) -> List[List[int]]:
     return [[position[v.ref()] for v in group] for group in groups]
 
 
+def _on_replica(tensor):
+    """``tensor`` placed on the current replica's device (inside ``strategy.run``).
+
+    On CPU workers ``ReplicaContext.all_reduce`` goes through ``merge_call`` and reduces
+    each value *to its own device* (``tensor.device``). A tensor that enters
+    ``strategy.run`` as an argument of a ``tf.function`` (a graph placeholder) has no
+    device, and TensorFlow refuses it with "destinations can not be empty"; an identity
+    made inside the replica function is placed on the replica's device.
+    """
+    return tf.nest.map_structure(tf.identity, tensor)
+
+
 class MWMSBackend(Backend):
     """Workers from ``TF_CONFIG``; one replica (device) per worker, like one Horovod rank per GPU."""
 
@@ -139,7 +151,7 @@ class MWMSBackend(Backend):
     def all_sum(self, tensor, name: str):
         if self.size == 1:
             return tensor
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tensor)
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, _on_replica(tensor))
 
     def broadcast(self, variables: Sequence) -> None:
         """Rank 0's values to every worker: a sum where only rank 0 contributes."""
@@ -166,7 +178,8 @@ class MWMSBackend(Backend):
 
     def _mean_replica(self, vector):
         def mean(x):
-            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, x)
+            # x is the tf.function's argument, a tensor without a device: place it first
+            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, _on_replica(x))
 
         return self.strategy.run(mean, args=(vector,))
 
