@@ -40,8 +40,8 @@ endif
 help:
 	@echo "make install   create $(VENV) (STACK=$(STACK)): TensorFlow ($(TF_PACKAGE))$(if $(HOROVOD), + Horovod built with Gloo), stemnet"
 	@echo "               STACK=pinned (Python <= 3.11, Horovod) or STACK=modern (.venv-modern: TF >= 2.16, tf_keras, MWMS)"
-	@echo "make test      install if needed, then the fast test suite"
-	@echo "make test-all  install if needed, then every test, slow ones included"
+	@echo "make test      install if needed, then the fast tier (no multi-process trainings: under 12 min)"
+	@echo "make test-all  install if needed, then every test, slow ones included (what CI runs)"
 	@echo "make demo      install if needed, then simulate -> train -> evaluate -> reconstruct"
 	@echo "make bench     install if needed, then the benchmarks (JSON in bench/)"
 	@echo "make mutate    install if needed, then plant known bugs in a copy and count the ones the tests catch"
@@ -97,11 +97,12 @@ slurm:
 testdata: install
 	$(VENV)/bin/python tests/scripts/instrument_files.py tests/data/instrument
 
+# TESTS: optional pytest arguments (files, -k ...), e.g. make test-all TESTS=tests/test_mwms.py
 test: install testdata slurm
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest $(TESTS)
 
 test-all: install testdata slurm
-	$(VENV)/bin/python -m pytest -m ""
+	$(VENV)/bin/python -m pytest -m "" $(TESTS)
 
 demo: install
 	$(VENV)/bin/stemnet demo

@@ -12,6 +12,7 @@ from stemnet.demo import run_demo
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_tiny_demo_end_to_end(tmp_path):
     report = run_demo(tmp_path / "demo", tiny=True, workers=2, progress=False)
     text = report.read_text()

@@ -18,7 +18,7 @@ HOROVODRUN = [str(Path(sys.executable).parent / "horovodrun"), "-np", "2", "-H",
 STEMNET = [sys.executable, "-m", "stemnet.cli"]
 STRATEGIES = ["none", "count:3", "layer", "graph"]
 
-pytestmark = pytest.mark.horovod
+pytestmark = [pytest.mark.horovod, pytest.mark.slow]
 
 
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):

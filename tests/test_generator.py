@@ -62,6 +62,7 @@ def test_sample_is_physical(tiny_dataset):
     assert np.abs(expected).max() > 0.01
 
 
+@pytest.mark.slow
 def test_same_samples_whatever_the_worker_count(tiny_dataset, tiny_config, tmp_path):
     """Two worker processes write other shards but byte-identical samples."""
     cfg = tiny_config.model_copy(update={"num_samples": 6, "splits": {"train": 1.0, "val": 0.0, "test": 0.0}})
@@ -76,6 +77,7 @@ def test_same_samples_whatever_the_worker_count(tiny_dataset, tiny_config, tmp_p
         assert raw == reference[index], f"sample {index} differs"
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tiny_dataset, tmp_path):
     """SIGKILL mid-run: every shard opens, the rerun (other worker count) completes exactly."""
     out = tmp_path / "killed"
@@ -103,6 +105,7 @@ def test_resume_after_sigkill(tiny_dataset, tmp_path):
     assert verify_dataset(out) == []
 
 
+@pytest.mark.slow
 def test_two_ranks_from_launcher_variables(tiny_dataset, tmp_path):
     """Two 'ranks' (SLURM_PROCID/SLURM_NTASKS) write their own shards; rank 0 finalizes."""
     out = tmp_path / "ranks"

@@ -430,6 +430,7 @@ def verify(dataset: Path) -> None:
     assert verify_dataset(dataset) == []  # every record's CRC, every header against the manifest
 
 
+@pytest.mark.slow
 def test_lsf_training_script_runs_every_step(tmp_path, tiny_dataset, stand_ins):
     env, log = stand_ins
     profile = profile_copy(tmp_path, "summit", activate="", staging_path=str(tmp_path / "bb"), ranks_per_node=1)
@@ -457,6 +458,7 @@ def test_lsf_training_script_runs_every_step(tmp_path, tiny_dataset, stand_ins):
     assert sorted(p.name for p in (run / "node-out" / host).iterdir()) == ["rank-0.txt"]
 
 
+@pytest.mark.slow
 def test_lsf_training_script_forwards_usr2(tmp_path, tiny_dataset, stand_ins):
     """The walltime warning (SIGUSR2 to the batch shell) reaches the training rank, which
     checkpoints and stops; the job's status says it was interrupted (128 + 12)."""
@@ -483,6 +485,7 @@ def test_lsf_training_script_forwards_usr2(tmp_path, tiny_dataset, stand_ins):
     assert (run / "checkpoints" / f"ckpt-{step}.index").is_file() and 5 <= step < 100000
 
 
+@pytest.mark.slow
 def test_slurm_simulation_script_runs_and_finalizes(tmp_path, stand_ins):
     env, log = stand_ins
     profile = profile_copy(tmp_path, "frontier", activate="", ranks_per_node=1)
@@ -503,6 +506,7 @@ def test_slurm_simulation_script_runs_and_finalizes(tmp_path, stand_ins):
     assert len(shards) == 2, shards  # one per rank
 
 
+@pytest.mark.slow
 def test_local_chain_runs_in_the_foreground(tmp_path, stand_ins, monkeypatch):
     env, log = stand_ins
     for key, value in env.items():

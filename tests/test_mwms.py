@@ -23,7 +23,7 @@ LAUNCH = STEMNET + ["launch", "-n", "2", "--"]
 STRATEGIES = ["none", "count:3", "layer", "graph"]
 PACK_BYTES = int(0.004 * 2**20)  # one_step.py's distributed.fusion_threshold_mib (the `none` pack size)
 
-pytestmark = pytest.mark.mwms
+pytestmark = [pytest.mark.mwms, pytest.mark.slow]
 
 
 def _env():

@@ -500,6 +500,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------- round trip
+@pytest.mark.slow
 def test_round_trip_on_unseen_specimen(trained_run, unseen, tmp_path):
     """Four file formats, one reconstruction; displacements at the true column sites
     beat the zero baseline: all channels together RMSE < 0.75 × zero, the O tilt
@@ -599,6 +600,7 @@ def crystal(haadf_run):
     return image, fov / n, np.moveaxis(disp, 0, -1), np.moveaxis(mask, 0, -1), spec
 
 
+@pytest.mark.slow
 def test_haadf_only_run_on_a_five_times_finer_image(haadf_run, crystal, tmp_path):
     """A HAADF-only run reconstructs a single-detector image sampled 5x finer than its
     training (0.097 Å, from a Nyquist scan's Fourier series): columns fitted at the native
@@ -656,6 +658,7 @@ def test_haadf_only_run_on_a_five_times_finer_image(haadf_run, crystal, tmp_path
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_no_seams(haadf_run, crystal):
     """Translating the input by half and by a quarter of a tile changes the maps by less
     than the ensemble spread; the error at tile borders is no larger than elsewhere
@@ -708,6 +711,7 @@ def test_no_seams(haadf_run, crystal):
     assert ratio <= 1.2
 
 
+@pytest.mark.slow
 def test_uncertainty_calibrated_on_validation(haadf_run, crystal, tmp_path):
     """The variance scale fitted on the validation split gives 68 % coverage there, is
     reported with the held-out test split's coverage, and scales the column uncertainties."""

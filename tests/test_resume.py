@@ -19,6 +19,8 @@ import pytest
 
 from conftest import TINY_TRAINING
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI); see README, Tests
+
 STEMNET = [sys.executable, "-m", "stemnet.cli"]
 STEPS = 16
 OVERRIDES = [f"train.steps={STEPS}", "train.checkpoint_every=4", "train.val_every=1000",

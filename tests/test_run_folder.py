@@ -18,6 +18,7 @@ def train_cmd(run, data, *extra):
                       "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_second_trainer_is_refused_and_a_killed_ones_lock_is_recovered(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen(train_cmd(run, tiny_dataset, "-o", "train.steps=100000", "-o", "train.checkpoint_every=2"),

@@ -24,7 +24,7 @@ TINY_SIMULATION = REPO / "configs/simulation/tiny.yaml"
 TINY_TRAINING = REPO / "configs/training/tiny.yaml"
 MISSING = missing_programs()
 
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"Slurm not installed (no {', '.join(MISSING)}): {INSTALL_HINT}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(MISSING), reason=f"Slurm not installed (no {', '.join(MISSING)}): {INSTALL_HINT}")]
 
 
 @pytest.fixture(scope="module")

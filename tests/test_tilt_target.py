@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI); see README, Tests
+
 # tiny_stem with tilt labels and out-of-plane tilt systems, cheaper physics (as the
 # reconstruction tests: HAADF 40-100 mrad allows 0.08 Å multislice sampling)
 SIM_OVERRIDES = [

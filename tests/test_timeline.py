@@ -148,6 +148,7 @@ TRAIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.horovod
 def test_a_real_two_rank_timeline_is_summarised(tmp_path):
     script = tmp_path / "train.py"

@@ -26,6 +26,7 @@ def checkpoints(run: Path):
     return sorted(int(p.name[5:-6]) for p in (run / "checkpoints").glob("ckpt-*.index"))
 
 
+@pytest.mark.slow
 def test_overfits_tiny_dataset(tiny_dataset, tmp_path):
     """Training loss on six samples falls at least 10x (first step vs the last)."""
     from stemnet.train.loop import train
@@ -96,6 +97,7 @@ def _wait_for(predicate, proc, timeout=180):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_from_last_checkpoint(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     proc = _start(run, tiny_dataset, "-o", "train.steps=100000", "-o", "train.checkpoint_every=4")
@@ -118,6 +120,7 @@ def test_sigkill_then_resume_continues_from_last_checkpoint(tiny_dataset, tmp_pa
     assert f"trained to step {last + 3}/100000" in resumed.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
 def test_signal_writes_a_checkpoint_before_exit(tiny_dataset, tmp_path, sig):
     run = tmp_path / "run"
