@@ -6,13 +6,17 @@ way a microscope would save it: one HyperSpy file per detector with calibrated a
 nm. The ground truth (label maps on the micrograph's own pixel grid, and the specimen's
 parameters) goes beside it in ``truth.npz``.
 
-``python -m simulation.micrograph OUT_DIR`` writes ``haadf.hspy``, ``abf.hspy``,
-``truth.npz`` and ``README.md`` (what was simulated).
+``python -m simulation.micrograph OUT_DIR`` writes the demo's micrograph
+(``demo/micrograph``), a large image as an aberration-corrected instrument records it
+(:func:`make_realistic_micrograph`: 288 x 288 pixels of 0.09 Å, out-of-plane tilts,
+every imperfection of :mod:`simulation.stem` at values outside the ranges the demo trains
+on): ``haadf.hspy``, ``abf.hspy`` and the same images as NCEM EMD (``haadf.emd``,
+``abf.emd``), with its ground truth (tilt maps and probe positions; ``--full-truth`` adds
+the label maps and noiseless images) in ``truth.npz``; :func:`realistic_specimen`
+rebuilds its specimen from that file and :func:`realistic_label_maps` its label maps.
 
-``python -m simulation.micrograph --realistic OUT_DIR`` writes a large micrograph as an
-aberration-corrected instrument records it (:func:`make_realistic_micrograph`: 288 x 288
-pixels of 0.09 Å, out-of-plane tilts, every imperfection of :mod:`simulation.stem` at
-values outside the ranges the demo trains on) with its ground truth, tilt maps included.
+``python -m simulation.micrograph --small OUT_DIR`` writes the earlier 64 x 64 micrograph
+at 0.244 Å (:func:`make_micrograph`).
 """
 
 from __future__ import annotations
@@ -71,14 +75,18 @@ def make_micrograph(out: Path, *, cells: int = 4, thickness_cells: int = 4, pixe
 
 
 #: The held-out specimen and instrument of :func:`make_realistic_micrograph`: each
-#: imperfection lies outside the range ``configs/simulation/demo.yaml`` draws from.
+#: imperfection lies outside the range ``configs/simulation/demo.yaml`` draws from. The
+#: drift, as the image shows it, is a strain: drift per line over the line spacing. At
+#: 0.09 Å lines, 0.0025 and -0.002 Å/line are 2.8 % shear and 2.2 % stretch, beyond the
+#: 2.05 % of the demo's ±0.005 Å/line at its 0.244 Å lines, yet square enough (≈1.6°) for
+#: the reconstruction's [001] lattice check (90 ± 3°).
 REALISTIC_SPECIMEN = dict(glazer="a-a-c+", tilt_deg=(4.0, 4.0, 8.0), polar_A_ang=(0.0, 0.0, 0.0),
                           polar_B_ang=(0.10, -0.06, 0.03))
 REALISTIC_IMPERFECTIONS = dict(
     source_fwhm_ang=0.65, residual_defocus_ang=35.0, astigmatism_ang=25.0, astigmatism_angle_deg=35.0,
     coma_ang=250.0, coma_angle_deg=120.0, residual_cs_ang=12000.0, focal_spread_ang=55.0,
     mistilt_mrad=3.5, mistilt_angle_deg=30.0, amorphous_ang=0.0, jitter_ang=0.18,
-    drift_x_ang_per_line=0.007, drift_y_ang_per_line=-0.006, flyback_ang=0.35,
+    drift_x_ang_per_line=0.0025, drift_y_ang_per_line=-0.002, flyback_ang=0.35,
     dose_e_per_ang2=1.5e4, read_noise_e=1.5, gain=1.4, offset_frac=0.07,
 )
 
@@ -88,7 +96,7 @@ def make_realistic_micrograph(out: Path, *, pixels: int = 288, pixel_size_ang: f
                               specimen: dict | None = None, imperfections: dict | None = None,
                               detectors=None, energy_ev: float = 200e3, convergence_mrad: float = 20.0,
                               focal_points: int = 3, flyback_decay_px: float = 4.0, seed: int = 17,
-                              sampling_ang: float = 0.055, sigma_ang: float = 0.5) -> dict:
+                              sampling_ang: float = 0.055, sigma_ang: float = 0.5, compact: bool = False) -> dict:
     """Simulate a large held-out micrograph and its ground truth; returns its description.
 
     The crystal (uniformly distorted, so periodic in a 2 x 2 cell supercell) is scanned
@@ -100,7 +108,10 @@ def make_realistic_micrograph(out: Path, *, pixels: int = 288, pixel_size_ang: f
     axes in nm, beam energy and convergence angle in the HyperSpy metadata) and
     ``truth.npz``: ``potential`` (1, H, W) V·Å, ``displacement`` (9, H, W) Å, ``columns``
     (3, H, W), ``tilt`` (3, H, W) deg, ``positions_ang`` (H, W, 2) where the probe landed,
-    ``noiseless`` (D, H, W), and a JSON ``description`` of every value used.
+    ``noiseless`` (D, H, W), and a JSON ``description`` of every value used, all float32.
+    ``compact`` (the shipped demo micrograph: small committed files) leaves out
+    ``displacement``, ``columns`` and ``noiseless``; :func:`realistic_label_maps` remakes
+    the label maps from the rest.
     """
     from simulation import stem
     from simulation.labels import tilt_map
@@ -126,23 +137,56 @@ def make_realistic_micrograph(out: Path, *, pixels: int = 288, pixel_size_ang: f
     displacement, columns = column_maps(find_columns(spec), cell_ang=cell, fov_ang=pixels * pixel_size_ang,
                                         shape=(pixels, pixels), sigma_ang=sigma_ang, positions_ang=positions)
     tilt = tilt_map(spec, positions)
-    description = {"material": material.name, "a_ang": material.a, "lattice_ang": list(spec.params["lattice_ang"]),
+    description = {"material": material.name, "sites": [material.A, material.B, material.X], "a_ang": material.a,
+                   "lattice_ang": list(spec.params["lattice_ang"]),
                    "thickness_cells": thickness_cells, "pixel_size_ang": pixel_size_ang, "pixels": pixels,
                    "nyquist_step_ang": nyquist, "energy_ev": energy_ev, "convergence_mrad": convergence_mrad,
                    "detectors_mrad": {k: list(v) for k, v in detectors.items()}, "focal_points": focal_points,
                    "flyback_decay_px": flyback_decay_px, "seed": seed, "imperfections": draws,
                    **{k: v for k, v in specimen.items()}}
-    save_images(out, detectors, images, pixel_size_ang, energy_ev=energy_ev, convergence_mrad=convergence_mrad)
-    np.savez_compressed(out / "truth.npz", potential=potential, displacement=displacement, columns=columns,
-                        tilt=tilt, positions_ang=positions.astype(np.float32),
-                        noiseless=noiseless.astype(np.float32), description=json.dumps(description))
+    save_images(out, detectors, images, pixel_size_ang, energy_ev=energy_ev, convergence_mrad=convergence_mrad,
+                formats=("hspy", "emd"))
+    truth = dict(potential=potential, tilt=tilt, positions_ang=positions)
+    if not compact:
+        truth.update(displacement=displacement, columns=columns, noiseless=noiseless)
+    np.savez_compressed(out / "truth.npz", description=json.dumps(description),
+                        **{k: np.asarray(v, np.float32) for k, v in truth.items()})
     return description
 
 
-def save_images(out: Path, detectors, images, pixel_ang: float, *, energy_ev=None, convergence_mrad=None) -> None:
-    """One HyperSpy file per detector, axes calibrated in nm; the beam energy (keV) and
-    convergence semi-angle (mrad) in ``Acquisition_instrument.TEM`` when given."""
+def realistic_label_maps(truth, sigma_ang: float = 0.5):
+    """The label maps ``(displacement (9, H, W) Å, columns (3, H, W))`` of a
+    :func:`make_realistic_micrograph` from its ``truth.npz`` (path or loaded), at the
+    recorded probe positions (what a non-compact truth file holds)."""
+    truth = np.load(truth) if isinstance(truth, (str, Path)) else truth
+    description = json.loads(str(truth["description"]))
+    spec = realistic_specimen(description)
+    positions = np.asarray(truth["positions_ang"], np.float64)
+    n = int(description["pixels"])
+    return column_maps(find_columns(spec), cell_ang=tuple(np.diag(spec.atoms.cell.array)[:2]),
+                       fov_ang=n * float(description["pixel_size_ang"]), shape=(n, n), sigma_ang=sigma_ang,
+                       positions_ang=positions)
+
+
+def realistic_specimen(description: dict):
+    """The specimen of a :func:`make_realistic_micrograph` (its ``truth.npz`` description):
+    the periodic 2 x 2 cell supercell the images were simulated from."""
+    material = Material(description["material"], *description["sites"], description["a_ang"])
+    return build_specimen(material, 2, int(description["thickness_cells"]),
+                          **{k: tuple(description[k]) if k != "glazer" else description[k]
+                             for k in REALISTIC_SPECIMEN})
+
+
+def save_images(out: Path, detectors, images, pixel_ang: float, *, energy_ev=None, convergence_mrad=None,
+                formats=("hspy",)) -> None:
+    """One file per detector and format, axes calibrated in nm: HyperSpy (``hspy``, the
+    beam energy (keV) and convergence semi-angle (mrad) in ``Acquisition_instrument.TEM``
+    when given) and NCEM EMD (``emd``: rosettasciio's EMD writer, which keeps the axes and
+    the title but not that metadata)."""
+    import rsciio.emd
     import rsciio.hspy
+
+    writers = {"hspy": rsciio.hspy.file_writer, "emd": rsciio.emd.file_writer}
 
     out.mkdir(parents=True, exist_ok=True)
     tem = {}
@@ -160,29 +204,22 @@ def save_images(out: Path, detectors, images, pixel_ang: float, *, energy_ev=Non
         signal = {"data": np.asarray(image, np.float32), "axes": axes, "metadata": metadata,
                   "original_metadata": {}, "tmp_parameters": {}, "attributes": {"_lazy": False},
                   "package_info": {"name": "stemnet", "version": __version__}, "learning_results": {}, "models": {}}
-        rsciio.hspy.file_writer(str(out / f"{name}.hspy"), signal)
-
-
-def truth_on_grid(shape, pixel_ang: float, *, cells: int = 4, thickness_cells: int = 4,
-                  sigma_ang: float = 0.5) -> dict:
-    """The micrograph's ground-truth label maps on another grid (e.g. a reconstruction's:
-    ``shape`` pixels of ``pixel_ang`` from the field of view's corner), channels-last."""
-    specimen = build_specimen(MATERIAL, cells, thickness_cells, **SPECIMEN)
-    size = float(np.diag(specimen.atoms.cell.array)[0])
-    displacement, columns = column_maps(find_columns(specimen), cell_ang=(size, size), fov_ang=shape[0] * pixel_ang,
-                                        shape=tuple(shape), sigma_ang=sigma_ang)
-    mask = np.repeat(columns, 3, axis=0)
-    return {"displacement": np.moveaxis(displacement, 0, -1), "displacement_mask": np.moveaxis(mask, 0, -1),
-            "a_ang": MATERIAL.a, "tilt_deg": SPECIMEN["tilt_deg"][2]}
+        for fmt in formats:
+            writers[fmt](str(out / f"{name}.{fmt}"), signal)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--realistic", action="store_true",
-                        help="a 288 x 288 micrograph at 0.09 Å/pixel with held-out imperfections")
+    parser.add_argument("--small", action="store_true",
+                        help="the earlier 64 x 64 micrograph at 0.244 Å/pixel (default: the demo's 288 x 288 "
+                             "micrograph at 0.09 Å/pixel with held-out imperfections)")
+    parser.add_argument("--realistic", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old commands
+    parser.add_argument("--full-truth", action="store_true",
+                        help="also store the label maps and noiseless images in truth.npz (about 3 MB more)")
     args = parser.parse_args(argv)
-    description = (make_realistic_micrograph if args.realistic else make_micrograph)(args.out)
+    description = (make_micrograph(args.out) if args.small else
+                   make_realistic_micrograph(args.out, compact=not args.full_truth))
     print(json.dumps(description, indent=1))
 
 

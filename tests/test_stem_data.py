@@ -109,10 +109,13 @@ def test_realistic_micrograph_with_truth(tmp_path):
     assert haadf.data.mean() == pytest.approx(REALISTIC_IMPERFECTIONS["gain"] * noiseless.mean()
                                               + REALISTIC_IMPERFECTIONS["offset_frac"], rel=0.03)
     # every imperfection value lies outside what the demo trains on
-    demo = load_simulation(REPO / "configs/simulation/demo.yaml").imperfections
+    demo_cfg = load_simulation(REPO / "configs/simulation/demo.yaml")
+    demo, demo_pixel = demo_cfg.imperfections, demo_cfg.fov_ang / max(demo_cfg.output_shape)
     for name, value in REALISTIC_IMPERFECTIONS.items():
         key = stem.CONFIG_KEYS.get(name, name)
         if name.endswith("_deg") or name == "amorphous_ang":
             continue
         lo, hi = getattr(demo, key)
+        if name.startswith("drift_"):  # a strain: per line over the line spacing (0.09 Å here, the demo's 0.244 Å)
+            value, lo, hi = value / 0.09, lo / demo_pixel, hi / demo_pixel
         assert not lo <= value <= hi, name

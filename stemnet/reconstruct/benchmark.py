@@ -69,6 +69,50 @@ def truth_tilts(specimen, xy_ang: np.ndarray) -> np.ndarray:
     return tilt_map(specimen, np.asarray(xy_ang, np.float64)[None])[:, 0, :].T.astype(np.float64)
 
 
+def column_truth(specimen):
+    """The specimen's true columns (:func:`simulation.labels.find_columns`), displacements
+    relative to the mean of the A sublattice (the labels' frame A)."""
+    from simulation.labels import find_columns
+
+    t = find_columns(specimen)
+    return t._replace(displacement=t.displacement - t.displacement[t.sublattice == 0].mean(0))
+
+
+def match_columns(sublattice, xy_ang, truth, box_ang, a_ang: float, tolerance: float = 0.25) -> np.ndarray:
+    """For each reconstructed column (``sublattice`` (N,), position ``xy_ang`` (N, 2) in
+    the specimen's frame [Å]), the index of the nearest true column of the same sublattice
+    (``truth``: :func:`column_truth`) in the periodic cell ``box_ang`` (x, y), or -1 if it
+    is farther than ``tolerance`` lattice parameters."""
+    from scipy.spatial import cKDTree
+
+    box = np.broadcast_to(np.asarray(box_ang, np.float64), (2,)).copy()
+    xy = np.mod(np.asarray(xy_ang, np.float64), box) % box
+    sublattice = np.asarray(sublattice)
+    matched = np.full(len(xy), -1)
+    for s in range(3):
+        on, ton = np.flatnonzero(sublattice == s), np.flatnonzero(truth.sublattice == s)
+        if len(on) and len(ton):
+            d, j = cKDTree(np.mod(truth.xy[ton], box) % box, boxsize=box).query(xy[on])
+            ok = d < tolerance * a_ang
+            matched[on[ok]] = ton[j[ok]]
+    return matched
+
+
+def truth_polarisation_pm(truth, index, box_ang) -> np.ndarray:
+    """The true polarisation (pm, x and y) of the true B columns ``index``: the B column's
+    displacement off the mean of its four nearest A columns (periodic cell ``box_ang``),
+    the quantity the reconstruction's ``pol_*_pm`` columns measure."""
+    from scipy.spatial import cKDTree
+
+    box = np.broadcast_to(np.asarray(box_ang, np.float64), (2,)).copy()
+    a = np.flatnonzero(truth.sublattice == 0)
+    index = np.asarray(index, int)
+    if not len(index):
+        return np.zeros((0, 2))
+    _, j = cKDTree(np.mod(truth.xy[a], box) % box, boxsize=box).query(np.mod(truth.xy[index], box) % box, k=4)
+    return 100 * (truth.displacement[index, :2] - truth.displacement[a[j], :2].mean(axis=1))
+
+
 def held_out_thickness(sim: dict) -> int:
     """One cell thicker than the thickest trained specimen, rounded up to even (anti-phase
     tilts and tilts about x or y close across the supercell only for an even thickness)."""
@@ -116,9 +160,6 @@ def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_p
     """Score RUN (trained on dataset DATA) on ``samples`` held-out realistic micrographs;
     micrograph ``k`` has Glazer system ``glazer_systems[k % len]`` with angles drawn in the
     upper part of the trained range."""
-    from scipy.spatial import cKDTree
-
-    from simulation.labels import find_columns
     from simulation.structures import draw_distortion, material_from_dict
     from stemnet.data import Normalization
     from stemnet.reconstruct.ensemble import keras_predictor
@@ -157,21 +198,14 @@ def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_p
         channels = [c.lower() for c in info["input_channels"]]
         spec, frames, p, _ = simulate_micrograph(material, cells, thickness, distortion, sim, channels, rng,
                                                  pixel_ang=pixel_ang, dose=dose, imperfections=imperfections)
-        fov = float(spec.atoms.cell[0, 0])
         n = frames.shape[-1]
         micrograph = Micrograph(frames, (p, p), channels, [], f"sim2real-{k}", "file")
         rec = reconstruct(predict, micrograph, info, norm, uncertainty=uncertainty, progress=progress)
-        truth = find_columns(spec)
-        t_xy, t_sub, t_d = truth.xy, truth.sublattice, truth.displacement - truth.displacement[truth.sublattice == 0].mean(0)
+        truth = column_truth(spec)
+        t_xy, t_sub, t_d = truth.xy, truth.sublattice, truth.displacement
         c = rec.columns
-        xy = np.column_stack([c["ideal_x_ang"], c["ideal_y_ang"]]) % fov
-        matched = np.full(len(xy), -1)
-        for s in range(3):
-            on, ton = np.flatnonzero(c["sublattice"] == s), np.flatnonzero(t_sub == s)
-            if len(on) and len(ton):
-                d, j = cKDTree(t_xy[ton], boxsize=fov).query(xy[on])
-                ok = d < 0.25 * material.a
-                matched[on[ok]] = ton[j[ok]]
+        matched = match_columns(c["sublattice"], np.column_stack([c["ideal_x_ang"], c["ideal_y_ang"]]), truth,
+                                np.diag(spec.atoms.cell.array)[:2], material.a)
         m = matched >= 0
         cat = m & (c["sublattice"] < 2)
         td = t_d[matched[cat]]

@@ -18,17 +18,103 @@ def _nice(value: float) -> float:
     return ref * (5 if value >= 5 * ref else 2 if value >= 2 * ref else 1)
 
 
-def _cell_map(ax, fig, cols, key: str, a_ang: float, title: str) -> None:
+def _cell_map(ax, fig, cols, key: str, a_ang: float, title: str, lim=None, width_ang=None) -> None:
     b = (cols["sublattice"] == 1) & np.isfinite(cols.get(key, np.full(len(cols["sublattice"]), np.nan)))
     if not b.any():
         ax.text(0.5, 0.5, f"{title}:\nnot available", ha="center", va="center", transform=ax.transAxes)
         return
     values = cols[key][b]
-    lim = max(float(np.abs(values).max()), 1e-3)
+    lim = lim or max(float(np.abs(values).max()), 1e-3)
     sc = ax.scatter(cols["ideal_x_ang"][b], cols["ideal_y_ang"][b], c=values, cmap="RdBu_r", vmin=-lim, vmax=lim,
-                    marker="s", s=(72 * 0.9 * a_ang / 4) ** 2 / max(1.0, len(values) / 16), edgecolors="none")
+                    marker="s", s=_cell_size(ax, fig, a_ang, width_ang, len(values)), edgecolors="none")
     fig.colorbar(sc, ax=ax, fraction=0.046, label="degrees")
     ax.set_title(title, fontsize=9)
+
+
+def _cell_size(ax, fig, a_ang: float, width_ang, n: int) -> float:
+    """Marker area (points²) of a square 0.9 cells wide: from the axes' width when the
+    field of view ``width_ang`` is known, else a guess from the number of cells."""
+    if not width_ang:
+        return (72 * 0.9 * a_ang / 4) ** 2 / max(1.0, n / 16)
+    points = ax.get_position().width * fig.get_figwidth() * 72  # axes width in points
+    return (0.9 * a_ang * points / width_ang) ** 2
+
+
+def _quiver(ax, cols, key: str, colour: str, label: str, a_ang: float, *, ref=None, key_arrow: bool = True):
+    """Arrows ``cols[key_x_pm], cols[key_y_pm]`` at the B columns' ideal sites, ``ref`` pm
+    (default: a round 90th percentile) drawn a third of a cell long."""
+    if f"{key}_x_pm" not in cols:
+        return None
+    ok = (np.asarray(cols["sublattice"]) == 1) & np.isfinite(cols[f"{key}_x_pm"]) & np.isfinite(cols[f"{key}_y_pm"])
+    if not ok.any():
+        return None
+    u, v = cols[f"{key}_x_pm"][ok], cols[f"{key}_y_pm"][ok]
+    ref = ref or _nice(np.percentile(np.hypot(u, v), 90))
+    q = ax.quiver(cols["ideal_x_ang"][ok], cols["ideal_y_ang"][ok], u, v, color=colour, angles="xy",
+                  scale_units="xy", scale=ref / (a_ang / 3), width=0.006, label=label)
+    if key_arrow:
+        ax.quiverkey(q, 0.78, 1.02, ref, f"{ref:g} pm", labelpos="E", coordinates="axes")
+    return ref
+
+
+def _save(fig, path: Path, plt) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=90, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def plot_truth_comparison(path: Path, rec: Reconstruction, truth: dict) -> None:
+    """PNG (atomic), network beside truth: the image with the polarisation vectors (B off
+    its A-cell centre, same arrow scale), and the per-cell tilt about x, y and z (same
+    colour range). ``truth``: per row of ``rec.columns``, ``pol_x_pm``, ``pol_y_pm``,
+    ``tilt_{x,y,z}_deg`` (NaN where the column has no true partner)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    h, w = rec.input.shape[1:]
+    p = rec.pixel_size_ang
+    extent = (0, w * p, h * p, 0)
+    channels = rec.provenance.get("channels", [])
+    base = rec.input[channels.index("haadf")] if "haadf" in channels else rec.input[0]
+    cols = rec.columns
+    a_ang = float(rec.summary.get("a_ang") or 3.9)
+    site = {k: cols[k] for k in ("ideal_x_ang", "ideal_y_ang", "sublattice")}
+    rows = (("network", dict(site, pol_x_pm=cols.get("pol_net_x_pm"), pol_y_pm=cols.get("pol_net_y_pm"),
+                             **{f"tilt_{a}_deg": cols[f"tilt_{a}_deg"] for a in "xyz" if f"tilt_{a}_deg" in cols})),
+            ("truth", dict(site, **truth)))
+    rows = [(name, {k: v for k, v in c.items() if v is not None}) for name, c in rows]
+    true_pol = np.hypot(truth["pol_x_pm"], truth["pol_y_pm"])
+    ref = _nice(np.nanpercentile(true_pol, 90)) if np.isfinite(true_pol).any() else None
+    fig, axes = plt.subplots(2, 4, figsize=(16, 8), squeeze=False)
+    for r, (name, c) in enumerate(rows):
+        ax = axes[r, 0]
+        ax.imshow(base, cmap="gray", extent=extent)
+        _quiver(ax, c, "pol", "tab:red" if r == 0 else "tab:green", name, a_ang, ref=ref)
+        ax.set_title(f"polarisation, {name}: B off its A-cell centre", fontsize=9, pad=16)
+        for k, axis in enumerate("xyz"):
+            ax = axes[r, k + 1]
+            ax.imshow(base, cmap="gray", extent=extent, alpha=0.35)
+            t = np.asarray(truth.get(f"tilt_{axis}_deg", np.nan), float)
+            lim = float(np.nanmax(np.abs(t))) if np.isfinite(t).any() else None
+            _cell_map(ax, fig, c, f"tilt_{axis}_deg", a_ang, f"tilt about {axis} per cell ({name})",
+                      lim=max(lim, 0.5) if lim is not None else None, width_ang=w * p / 1.25)
+        for ax in axes[r]:
+            ax.set_xlim(0, w * p)
+            ax.set_ylim(h * p, 0)
+            ax.set_xlabel("x (Å)")
+            ax.set_ylabel("y (Å)")
+    fig.suptitle(f"{rec.name}: network (top) and truth (bottom)")
+    fig.tight_layout()
+    _save(fig, path, plt)
 
 
 def plot_reconstruction(path: Path, rec: Reconstruction) -> None:
@@ -56,19 +142,8 @@ def plot_reconstruction(path: Path, rec: Reconstruction) -> None:
     ax = flat.pop(0)
     ax.imshow(base, cmap="gray", extent=extent)
     ax.set_title("polarisation: B off its A-cell centre", fontsize=9, pad=16)
-    b = cols.get("sublattice", np.zeros(0)) == 1
     for key, colour, label in (("pol_net", "tab:red", "network"), ("pol_fit", "tab:cyan", "Gaussian fit")):
-        if f"{key}_x_pm" not in cols:
-            continue
-        ok = b & np.isfinite(cols[f"{key}_x_pm"])
-        if not ok.any():
-            continue
-        u, v = cols[f"{key}_x_pm"][ok], cols[f"{key}_y_pm"][ok]
-        ref = _nice(np.percentile(np.hypot(u, v), 90))
-        q = ax.quiver(cols["ideal_x_ang"][ok], cols["ideal_y_ang"][ok], u, v, color=colour, angles="xy",
-                      scale_units="xy", scale=ref / (a_ang / 3), width=0.006, label=label)
-        if key == "pol_net":
-            ax.quiverkey(q, 0.78, 1.02, ref, f"{ref:g} pm", labelpos="E", coordinates="axes")
+        _quiver(ax, cols, key, colour, label, a_ang, key_arrow=key == "pol_net")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=7)
     ax.set_xlim(0, w * p)
@@ -100,12 +175,4 @@ def plot_reconstruction(path: Path, rec: Reconstruction) -> None:
             a.set_ylabel("y (Å)")
     fig.suptitle(rec.name)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=90, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
+    _save(fig, path, plt)
