@@ -11,6 +11,21 @@ import numpy as np
 from stemnet.reconstruct.outputs import Reconstruction
 
 
+def _canvas(path, rec: Reconstruction):
+    """pyplot (Agg), the output path, the image extent [Å], the HAADF (or first) input,
+    the column table and the lattice parameter [Å] of a reconstruction figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = rec.input.shape[1:]
+    p = rec.pixel_size_ang
+    channels = rec.provenance.get("channels", [])
+    base = rec.input[channels.index("haadf")] if "haadf" in channels else rec.input[0]
+    return plt, Path(path), (0, w * p, h * p, 0), base, rec.columns, float(rec.summary.get("a_ang") or 3.9)
+
+
 def _nice(value: float) -> float:
     """A round reference length near ``value`` (1, 2 or 5 × 10^k)."""
     value = max(float(value), 1e-6)
@@ -74,19 +89,7 @@ def plot_truth_comparison(path: Path, rec: Reconstruction, truth: dict) -> None:
     its A-cell centre, same arrow scale), and the per-cell tilt about x, y and z (same
     colour range). ``truth``: per row of ``rec.columns``, ``pol_x_pm``, ``pol_y_pm``,
     ``tilt_{x,y,z}_deg`` (NaN where the column has no true partner)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    h, w = rec.input.shape[1:]
-    p = rec.pixel_size_ang
-    extent = (0, w * p, h * p, 0)
-    channels = rec.provenance.get("channels", [])
-    base = rec.input[channels.index("haadf")] if "haadf" in channels else rec.input[0]
-    cols = rec.columns
-    a_ang = float(rec.summary.get("a_ang") or 3.9)
+    plt, path, extent, base, cols, a_ang = _canvas(path, rec)
     site = {k: cols[k] for k in ("ideal_x_ang", "ideal_y_ang", "sublattice")}
     rows = (("network", dict(site, pol_x_pm=cols.get("pol_net_x_pm"), pol_y_pm=cols.get("pol_net_y_pm"),
                              **{f"tilt_{a}_deg": cols[f"tilt_{a}_deg"] for a in "xyz" if f"tilt_{a}_deg" in cols})),
@@ -106,10 +109,10 @@ def plot_truth_comparison(path: Path, rec: Reconstruction, truth: dict) -> None:
             t = np.asarray(truth.get(f"tilt_{axis}_deg", np.nan), float)
             lim = float(np.nanmax(np.abs(t))) if np.isfinite(t).any() else None
             _cell_map(ax, fig, c, f"tilt_{axis}_deg", a_ang, f"tilt about {axis} per cell ({name})",
-                      lim=max(lim, 0.5) if lim is not None else None, width_ang=w * p / 1.25)
+                      lim=max(lim, 0.5) if lim is not None else None, width_ang=extent[1] / 1.25)
         for ax in axes[r]:
-            ax.set_xlim(0, w * p)
-            ax.set_ylim(h * p, 0)
+            ax.set_xlim(0, extent[1])
+            ax.set_ylim(extent[2], 0)
             ax.set_xlabel("x (Å)")
             ax.set_ylabel("y (Å)")
     fig.suptitle(f"{rec.name}: network (top) and truth (bottom)")
@@ -120,19 +123,7 @@ def plot_truth_comparison(path: Path, rec: Reconstruction, truth: dict) -> None:
 def plot_reconstruction(path: Path, rec: Reconstruction) -> None:
     """PNG (atomic): the image with polarisation vectors (network red, Gaussian fit cyan),
     the per-cell tilt map(s), the potential and the ensemble uncertainty."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    h, w = rec.input.shape[1:]
-    p = rec.pixel_size_ang
-    extent = (0, w * p, h * p, 0)
-    channels = rec.provenance.get("channels", [])
-    base = rec.input[channels.index("haadf")] if "haadf" in channels else rec.input[0]
-    cols = rec.columns
-    a_ang = float(rec.summary.get("a_ang") or 3.9)
+    plt, path, extent, base, cols, a_ang = _canvas(path, rec)
     tilt_keys = [k for k in ("tilt_x_deg", "tilt_y_deg", "tilt_z_deg") if k in cols]
     tilt_panels = tilt_keys or ["tilt_z_deg_from_O"]
     n = 3 + len(tilt_panels)
@@ -146,15 +137,15 @@ def plot_reconstruction(path: Path, rec: Reconstruction) -> None:
         _quiver(ax, cols, key, colour, label, a_ang, key_arrow=key == "pol_net")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=7)
-    ax.set_xlim(0, w * p)
-    ax.set_ylim(h * p, 0)
+    ax.set_xlim(0, extent[1])
+    ax.set_ylim(extent[2], 0)
     for key in tilt_panels:
         ax = flat.pop(0)
         ax.imshow(base, cmap="gray", extent=extent, alpha=0.35)
         what = "from the O displacements" if key.endswith("from_O") else "network"
         _cell_map(ax, fig, cols, key, a_ang, f"tilt about {key[5]} per cell ({what})")
-        ax.set_xlim(0, w * p)
-        ax.set_ylim(h * p, 0)
+        ax.set_xlim(0, extent[1])
+        ax.set_ylim(extent[2], 0)
     ax = flat.pop(0)
     if "potential" in rec.maps:
         im = ax.imshow(rec.maps["potential"][..., 0], cmap="viridis", extent=extent)
