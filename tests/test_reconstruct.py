@@ -608,7 +608,6 @@ def test_haadf_only_run_on_a_five_times_finer_image(haadf_run, crystal, tmp_path
     band-limited image at the run's pixels (within 2 %); --channels lists what it expects."""
     from simulation.imaging import evaluate, nyquist_step_ang, spectrum
     from simulation.multislice import stem_images
-    from stemnet.evaluate import column_rmse
 
     run, _, sim = haadf_run
     image, pixel, truth, mask, spec = crystal
@@ -634,17 +633,6 @@ def test_haadf_only_run_on_a_five_times_finer_image(haadf_run, crystal, tmp_path
     print(f"\nHAADF-only, 5x finer: Gaussian-fit polarisation ({pol[0]:.1f}, {pol[1]:.1f}) pm (truth 12, -6)")
     assert abs(pol[0] - 12) < 3 and abs(pol[1] + 6) < 3
     rec, _ = R.reconstruct_files(run, [tmp_path / "fine.npy"], tmp_path / "again", pixel_size=pixel / 5, plot=False)[0]
-    from simulation.labels import column_maps, find_columns
-
-    h, w = rec.maps["displacement"].shape[:2]  # truth on the reconstruction's grid
-    cell = float(spec.atoms.cell[0, 0])
-    disp, cols = column_maps(find_columns(spec), cell_ang=(cell, cell), fov_ang=w * TRAIN_PIXEL, shape=(h, w),
-                             sigma_ang=0.5)
-    truth, m = np.moveaxis(disp, 0, -1), np.repeat(np.moveaxis(cols, 0, -1), 3, axis=-1)[None]
-    model = column_rmse(truth[None], rec.maps["displacement"][None], m)
-    zero = column_rmse(truth[None], 0 * truth[None], m)
-    b_model, b_zero = np.hypot(model["B_dx"], model["B_dy"]), np.hypot(zero["B_dx"], zero["B_dy"])
-    print(f"B in-plane RMSE: model {b_model:.4f} Å, zero {b_zero:.4f} Å")
     # the downsampling is faithful: the network's input is the band-limited image sampled
     # at the run's pixel centres (as the simulation samples its training images)
     exact = evaluate(spectrum(scan), (fov, fov), at_centres(31, TRAIN_PIXEL))

@@ -22,14 +22,14 @@ def bench_train(data_dir, config=None, steps: int = 30,
     only). Batches are decoded once and cached in memory so that only the step is timed."""
     from stemnet.config import load_config
     from stemnet.models import build_model
-    from stemnet.train.loop import data_info
+    from stemnet.train.rundata import RunData
     from stemnet.shards import read_manifest
     from stemnet.train.optim import build_optimizer
     from stemnet.train.step import make_train_step
 
     config = config or shipped("training/demo.yaml")
     cfg = load_config(config, require=("model", "train"))
-    info = data_info(read_manifest(data_dir), cfg.data.targets)
+    info = RunData.from_manifest(read_manifest(data_dir), cfg.data.targets).model_dump(mode="json")
     batches, tf = _cached_batches(data_dir, cfg, 8)
     batch = cfg.train.batch_size
     shapes = (tuple(info["input_shape"]), tuple(info["output_shape"]))

@@ -47,11 +47,6 @@ class StopFlag:
             signal.signal(sig, self)
 
 
-def data_info(manifest: dict, targets) -> dict:
-    """What the model expects of its data (``data.json``): :meth:`RunData.from_manifest`."""
-    return RunData.from_manifest(manifest, targets).model_dump(mode="json")
-
-
 def check_compatible(cfg: Config, info: dict, data_dir) -> None:
     """Refuse, before any training, a model whose heads do not match the data's targets."""
     heads = dict(cfg.model.heads)
@@ -97,7 +92,7 @@ def train(cfg: Config, data_dir, run_dir, *, progress: bool = True, max_steps: O
 
     # ---- data shapes, and the checks that must pass before any training
     manifest = read_manifest(data_dir)
-    info = data_info(manifest, dcfg.targets)
+    info = RunData.from_manifest(manifest, dcfg.targets).model_dump(mode="json")
     check_compatible(cfg, info, data_dir)
     per_epoch = plan_split(manifest, "train", rank=rank, world=world, batch_size=tcfg.batch_size,
                            where=str(data_dir)).batches_per_epoch
