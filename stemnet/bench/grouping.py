@@ -28,6 +28,10 @@ def _steptime(np_ranks: int, model_config, input_shape, batch, steps, strategies
         start = line.find("{")
         if start >= 0 and '"strategy"' in line:
             rows.append(json.loads(line[start:]))
+    missing = set(strategies) - {r["strategy"] for r in rows}
+    if missing:
+        raise RuntimeError(f"steptime ({backend}) on {np_ranks} rank(s) printed no row for {sorted(missing)}: "
+                           f"{proc.stdout[-2000:]}")
     return rows
 
 

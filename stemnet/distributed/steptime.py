@@ -15,7 +15,7 @@ import os
 import time
 
 
-def measure(model_config: str, input_shape, batch: int, steps: int, strategies, quiet: bool = False,
+def measure(model_config: str, input_shape, batch: int, steps: int, strategies, *, quiet: bool = False,
             backend: str = "auto") -> list:
     import numpy as np
     import tensorflow as tf
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     parser.add_argument("strategies", nargs="+")
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.input_shape.split(","))
-    measure(args.model, shape, args.batch, args.steps, args.strategies, args.backend)
+    measure(args.model, shape, args.batch, args.steps, args.strategies, backend=args.backend)
 
 
 if __name__ == "__main__":
