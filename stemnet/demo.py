@@ -68,6 +68,7 @@ def compare_with_truth(rec, micrograph: Path = MICROGRAPH) -> dict:
     (:func:`~stemnet.reconstruct.benchmark.truth_tilts`) and the zero baseline — and
     ``truth``: the true values per row of the column table (NaN where unmatched)."""
     from simulation.micrograph import realistic_specimen
+    from stemnet.data import tilt_target
     from stemnet.reconstruct.benchmark import column_truth, match_columns, truth_polarisation_pm, truth_tilts
 
     z = np.load(Path(micrograph) / "truth.npz")
@@ -88,7 +89,7 @@ def compare_with_truth(rec, micrograph: Path = MICROGRAPH) -> dict:
     b = np.flatnonzero((sub == 1) & m)
     per["pol_x_pm"][b], per["pol_y_pm"][b] = truth_polarisation_pm(truth, matched[b], box).T
     if len(b):
-        true_t = truth_tilts(spec, truth.xy[matched[b]])
+        true_t = tilt_target(truth_tilts(spec, truth.xy[matched[b]]))  # what the head predicts: |angle|
         for k, axis in enumerate("xyz"):
             per[f"tilt_{axis}_deg"][b] = true_t[:, k]
 

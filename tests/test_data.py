@@ -20,6 +20,7 @@ from stemnet.data import (
     make_dataset,
     one_line_errors,
     plan_split,
+    tilt_target,
     user_error,
 )
 from stemnet.bench.data import bench_data
@@ -303,8 +304,9 @@ def test_cbed_transforms_probe_grid_and_patterns_together(origin):
 
 
 def test_pipeline_applies_the_reference_transform(tmp_path):
-    """The compiled gather (GatherTables) makes exactly what augment_sample makes, the tilt
-    angles included (channel-dependent offsets make a swapped or mis-signed channel show)."""
+    """The compiled gather (GatherTables) makes exactly what augment_sample makes, and the
+    tilt target is the magnitude of the moved tilt labels (channel-dependent offsets make a
+    swapped channel show; a mirror negates positive labels, so a missing magnitude shows)."""
     fields = dict(make_fields(), tilt=FieldSpec((3, 8, 8), "<f4"))
     root = build(tmp_path / "d", counts=(24, 24), fields=fields)
     norm = Normalization.from_manifest(read_manifest(root), "none")
@@ -324,7 +326,7 @@ def test_pipeline_applies_the_reference_transform(tmp_path):
                         and np.allclose(t["displacement"][b] * norm.displacement_scale,
                                         ref["displacement"].transpose(1, 2, 0), rtol=1e-6, atol=1e-7)
                         and np.array_equal(t["displacement_mask"][b, ..., 3], ref["columns"][1])
-                        and np.allclose(t["tilt"][b] * norm.tilt_scale, ref["tilt"].transpose(1, 2, 0),
+                        and np.allclose(t["tilt"][b] * norm.tilt_scale, tilt_target(ref["tilt"]).transpose(1, 2, 0),
                                         rtol=1e-6, atol=1e-6)):
                     matches.append(element)
             assert len(matches) == 1, matches

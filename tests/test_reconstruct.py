@@ -740,3 +740,23 @@ def test_tilt_transforms_as_an_axial_vector():
         assert np.allclose(R.tilt_vectors(moved, R.d4_inverse(g)), t), g
         d = d4_vectors(np.array([0, 0, 0, 1.0, 2.0, 0, 0, 0, 0]), g)[3:5]  # a polar (dx, dy)
         assert np.allclose(moved[:2], det * d), g  # an axial vector turns like a polar one, times det
+
+
+def test_tta_members_agree_on_tilt_magnitudes_of_an_equivariant_predictor():
+    """The tilt head predicts |angle| per axis (stemnet.data.tilt_target), which a symmetry
+    only permutes. A predictor equivariant by construction (tilt about x: |∂I/∂y|, about y:
+    |∂I/∂x|, about z: I) gives eight members that agree once mapped back; mapping magnitudes
+    back as signed axial vectors would negate the mirrored members' maps."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(12, 12, 1)).astype(np.float32)
+
+    def predict(batch):
+        gy = np.abs(np.diff(batch[..., 0], axis=1, prepend=0.0) + np.diff(batch[..., 0], axis=1, append=0.0))
+        gx = np.abs(np.diff(batch[..., 0], axis=2, prepend=0.0) + np.diff(batch[..., 0], axis=2, append=0.0))
+        return {"tilt": np.stack([gy, gx, batch[..., 0]], axis=-1)}
+
+    members = R.tta_members(predict, image, None)
+    assert len(members) == 8
+    for member in members[1:]:
+        np.testing.assert_allclose(member["tilt"], members[0]["tilt"], atol=1e-5)
+    np.testing.assert_allclose(members[0]["tilt"], predict(image[None])["tilt"][0], atol=1e-6)  # identity first

@@ -148,6 +148,18 @@ def tilt_vectors(t: np.ndarray, element) -> np.ndarray:
     return t
 
 
+def tilt_target(t: np.ndarray) -> np.ndarray:
+    """The tilt head's target from tilt labels (deg, about x, y, z): the magnitude per axis.
+
+    A projection along the beam cannot show the sense of a tilt about an in-plane axis
+    (mirroring the crystal through a plane normal to the beam flips it and leaves the
+    projection alone), nor which sense an anti-phase tilt has at the entrance surface; it
+    shows the angle. The labels keep the signed angles; the head predicts ``|angle|``,
+    which a symmetry only permutes (``|tilt_vectors(t, g)| == tilt_vectors(|t|, g)`` up to sign).
+    """
+    return np.abs(t)
+
+
 def tilt_table(element) -> Tuple[np.ndarray, np.ndarray]:
     """``(source channel, sign)`` of each of the 3 tilt channels under ``element``:
     ``tilt_vectors(t, element)[j] == sign[j] * t[source[j]]`` (read off

@@ -31,7 +31,7 @@ import numpy as np
 
 from stemnet.data.assignment import ShardSlice, SplitPlan
 from stemnet.data.augment import GatherTables, grid_origin
-from stemnet.data.layout import input_field, map_shape
+from stemnet.data.layout import input_field, map_shape, tilt_target
 from stemnet.data.normalization import Normalization
 from stemnet.errors import UserError
 from stemnet.log import get_logger
@@ -370,6 +370,7 @@ class BatchLoader:
         if "tilt" in arrays:
             _, mul = norm.target_terms("tilt")
             run("tilt", arrays["tilt"], t.tilt_chan, t.map_pix, 0.0, t.tilt_sign[elements] * mul)
+            arrays["tilt"][...] = tilt_target(arrays["tilt"])  # the head predicts magnitudes
         return finite
 
     def _skip(self, arrays, i, weights, message, ident):

@@ -17,7 +17,8 @@
 6. Per cell (a B column): the polarisation, B off the centre of its four A columns [pm],
    from the fits and from the network; the octahedral tilt about z from the network's
    four O displacements around it, θz = mean (r × d)_z / |r|²; and, when the run
-   predicts ``tilt``, its tilt angles about x, y, z with spread.
+   predicts ``tilt``, its tilt magnitudes about x, y, z with spread
+   (:func:`stemnet.data.tilt_target`).
 """
 
 from __future__ import annotations

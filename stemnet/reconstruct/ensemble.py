@@ -1,8 +1,8 @@
 """Module for the test-time-augmentation ensemble: the eight symmetries of the square.
 
 Each symmetry (:func:`stemnet.data.d4_array`; displacement channels transformed as
-vectors by :func:`stemnet.data.d4_vectors`, tilt angles as axial vectors by
-:func:`stemnet.data.tilt_vectors`) is applied to the image, the prediction
+vectors by :func:`stemnet.data.d4_vectors`; the tilt head's magnitudes per axis
+permuted as :func:`stemnet.data.tilt_table` says) is applied to the image, the prediction
 mapped back by the inverse element (closed form, :func:`stemnet.data.layout.d4_inverse`); the
 reconstruction is the mean of the eight, the uncertainty their standard deviation.
 """
@@ -21,7 +21,7 @@ D4 = ELEMENTS  # (transpose, flip_y, flip_x), e = 4·transpose + 2·flip_y + fli
 
 def _apply(element, maps: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """A symmetry applied to ``{head: (H, W, K)}`` maps; 9-channel displacement as vectors."""
-    from stemnet.data import d4_array, d4_vectors, tilt_vectors
+    from stemnet.data import d4_array, d4_vectors, tilt_table
 
     out = {}
     for key, value in maps.items():
@@ -29,7 +29,7 @@ def _apply(element, maps: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if key == "displacement":
             moved = d4_vectors(moved, element, channel_axis=-1)
         elif key == "tilt":
-            moved = tilt_vectors(moved, element)
+            moved = moved[..., tilt_table(element)[0]]  # magnitudes (tilt_target): a symmetry permutes them
         out[key] = np.ascontiguousarray(moved)
     return out
 
