@@ -40,7 +40,9 @@ def _cell_map(ax, fig, cols, key: str, a_ang: float, title: str, lim=None, width
         return
     values = cols[key][b]
     lim = lim or max(float(np.abs(values).max()), 1e-3)
-    sc = ax.scatter(cols["ideal_x_ang"][b], cols["ideal_y_ang"][b], c=values, cmap="RdBu_r", vmin=-lim, vmax=lim,
+    signed = key.endswith("_from_O")  # the tilt head's maps are magnitudes (stemnet.data.tilt_target)
+    cmap, vmin = ("RdBu_r", -lim) if signed else ("viridis", 0.0)
+    sc = ax.scatter(cols["ideal_x_ang"][b], cols["ideal_y_ang"][b], c=values, cmap=cmap, vmin=vmin, vmax=lim,
                     marker="s", s=_cell_size(ax, fig, a_ang, width_ang, len(values)), edgecolors="none")
     fig.colorbar(sc, ax=ax, fraction=0.046, label="degrees")
     ax.set_title(title, fontsize=9)
@@ -108,7 +110,7 @@ def plot_truth_comparison(path: Path, rec: Reconstruction, truth: dict) -> None:
             ax.imshow(base, cmap="gray", extent=extent, alpha=0.35)
             t = np.asarray(truth.get(f"tilt_{axis}_deg", np.nan), float)
             lim = float(np.nanmax(np.abs(t))) if np.isfinite(t).any() else None
-            _cell_map(ax, fig, c, f"tilt_{axis}_deg", a_ang, f"tilt about {axis} per cell ({name})",
+            _cell_map(ax, fig, c, f"tilt_{axis}_deg", a_ang, f"|tilt| about {axis} per cell ({name})",
                       lim=max(lim, 0.5) if lim is not None else None, width_ang=extent[1] / 1.25)
         for ax in axes[r]:
             ax.set_xlim(0, extent[1])
@@ -143,7 +145,8 @@ def plot_reconstruction(path: Path, rec: Reconstruction) -> None:
         ax = flat.pop(0)
         ax.imshow(base, cmap="gray", extent=extent, alpha=0.35)
         what = "from the O displacements" if key.endswith("from_O") else "network"
-        _cell_map(ax, fig, cols, key, a_ang, f"tilt about {key[5]} per cell ({what})")
+        _cell_map(ax, fig, cols, key, a_ang, f"{'tilt' if key.endswith('from_O') else '|tilt|'} about {key[5]} "
+                                             f"per cell ({what})")
         ax.set_xlim(0, extent[1])
         ax.set_ylim(extent[2], 0)
     ax = flat.pop(0)
