@@ -78,6 +78,12 @@ MUTANTS: List[Mutant] = [
       ("tests/test_labels.py",)),
     M("checkpoint-state-not-repaired", "    if committed is None:\n        candidates = on_disk(directory)",
       "    if committed is None:\n        candidates = []", ("tests/test_run_folder.py -k malformed",)),
+    # --- the tilt head's magnitudes (a projection shows |angle|, not its sense)
+    M("tilt-target-signed", 'arrays["tilt"][...] = tilt_target(arrays["tilt"])',
+      'arrays["tilt"][...] = arrays["tilt"]', ("tests/test_data.py -k reference_transform",)),
+    M("tta-tilt-signed", "moved = moved[..., tilt_table(element)[0]]",
+      "moved = moved[..., tilt_table(element)[0]] * tilt_table(element)[1]",
+      ("tests/test_reconstruct.py -k equivariant",)),
 ]
 
 
@@ -91,7 +97,7 @@ def locate(root: Path, old: str) -> List[Path]:
 
 
 def copy_repo(dest: Path) -> Path:
-    ignore = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "demo", "bench", ".pytest_cache")
+    ignore = shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.egg-info", "demo", "bench", ".pytest_cache")
     shutil.copytree(REPO, dest, ignore=ignore)
     return dest
 
