@@ -16,9 +16,10 @@ tilt θ about z every such column moves ⊥ to its B–O–B bond by (a/2)·tan 
 recovered from the prediction against θ recovered from the truth.
 
 tilt maps (degrees), when the run predicts them: the mean absolute error of the per-cell
-octahedral tilt magnitude (:func:`stemnet.data.tilt_target`) about x, y and z (``tilt_map_mae_deg_x`` …) over every pixel (the maps are
-constant over each cell, so this is the cell-area-weighted mean over cells), and about x
-and y together (``tilt_map_mae_deg_out_of_plane``).
+octahedral tilt magnitude (:func:`stemnet.data.tilt_target`) about x, y and z
+(``tilt_map_mae_deg_x`` …) over every pixel (the maps are constant over each cell, so this
+is the cell-area-weighted mean over cells), and about x and y together
+(``tilt_map_mae_deg_out_of_plane``).
 
 Baselines, in the same table: ``zero`` (no displacement; the potential's training mean,
 a constant) and ``mean`` (the per-pixel mean maps of the training split); for STEM-image

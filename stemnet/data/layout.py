@@ -155,7 +155,7 @@ def tilt_target(t: np.ndarray) -> np.ndarray:
     (mirroring the crystal through a plane normal to the beam flips it and leaves the
     projection alone), nor which sense an anti-phase tilt has at the entrance surface; it
     shows the angle. The labels keep the signed angles; the head predicts ``|angle|``,
-    which a symmetry only permutes (``|tilt_vectors(t, g)| == tilt_vectors(|t|, g)`` up to sign).
+    which a symmetry only permutes: ``|tilt_vectors(t, g)| == |t|[..., tilt_table(g)[0]]``.
     """
     return np.abs(t)
 

@@ -161,7 +161,7 @@ def simulate_micrograph(material, cells: int, thickness: int, distortion: dict, 
 
 
 def seam_errors(predict, micrograph, info: dict, norm, truth, box_ang, a_ang: float, run_pixel_ang: float, *,
-                phases: int = 8, uncertainty=None):
+                phases: int = 8, uncertainty=None, first_columns=None):
     """|in-plane error| [Å] of the same columns near a tile border and inside a tile.
 
     The micrograph is cropped at its top left by ``k/phases`` of the tile stride (k = 0 …
@@ -170,7 +170,9 @@ def seam_errors(predict, micrograph, info: dict, norm, truth, box_ang, a_ang: fl
     ``tile // 2`` run pixels, the blended tiles' stride). Only columns seen both near and
     inside count, so the two sets hold the same columns and their ratio measures the tiling
     alone, not which columns happen to lie on the tile grid (the grid's period is about
-    one lattice cell). Returns (near errors, inside errors)."""
+    one lattice cell). ``first_columns``: the uncropped reconstruction's column table, when
+    the caller has it (phase 0 is then not reconstructed again). Returns (near errors,
+    inside errors)."""
     from scipy.spatial import cKDTree
 
     from stemnet.reconstruct.micrograph import Micrograph
@@ -185,7 +187,8 @@ def seam_errors(predict, micrograph, info: dict, norm, truth, box_ang, a_ang: fl
         crop = int(round(k * half / phases * run_pixel_ang / p))  # micrograph pixels
         cropped = Micrograph(micrograph.data[:, crop:, crop:], micrograph.pixel_size_ang, micrograph.channels,
                              micrograph.sources, f"{micrograph.name}-phase{k}", micrograph.calibration)
-        c = reconstruct(predict, cropped, info, norm, uncertainty=uncertainty).columns
+        c = first_columns if k == 0 and first_columns is not None else \
+            reconstruct(predict, cropped, info, norm, uncertainty=uncertainty).columns
         local = np.column_stack([c["ideal_x_ang"], c["ideal_y_ang"]])
         absolute = local + crop * p
         matched = match_columns(c["sublattice"], absolute, truth, box, a_ang)
@@ -286,7 +289,7 @@ def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_p
                 errs["tz_O"].append([abs(c["tilt_z_deg_from_O"][i] - from_o[j])])
                 errs["tz_O_truth"].append([abs(from_o[j])])
         border, inner = seam_errors(predict, micrograph, info, norm, truth, np.diag(spec.atoms.cell.array)[:2],
-                                    material.a, rec.pixel_size_ang, uncertainty=uncertainty)
+                                    material.a, rec.pixel_size_ang, uncertainty=uncertainty, first_columns=c)
         errs["border"].append(border)
         errs["inner"].append(inner)
         rows.append({"glazer": distortion["glazer"], "tilt_deg": list(distortion["tilt_deg"]),
