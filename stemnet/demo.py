@@ -60,16 +60,16 @@ def compare_with_truth(rec, micrograph: Path = MICROGRAPH) -> dict:
 
     Every column of ``rec.columns`` is placed in the specimen through the recorded probe
     positions (:func:`specimen_xy`) and matched to its true column
-    (:func:`stemnet.reconstruct.benchmark.match_columns`). Returned: ``values`` (the
+    (:func:`stemnet.reconstruct.heldout.match_columns`). Returned: ``values`` (the
     report's numbers) — in-plane displacement RMSE (pm) of the A and B columns for the
     network and the Gaussian-fit baseline (columns the fit found; relative to the A
     lattice), polarisation (B off its A-cell centre, pm) mean and RMSE of network and fit
     against the truth, tilt MAE per axis of the network's tilt head against the truth
-    (:func:`~stemnet.reconstruct.benchmark.truth_tilts`) and the zero baseline — and
+    (:func:`~stemnet.reconstruct.heldout.truth_tilts`) and the zero baseline — and
     ``truth``: the true values per row of the column table (NaN where unmatched)."""
     from simulation.micrograph import realistic_specimen
     from stemnet.data import tilt_target
-    from stemnet.reconstruct.benchmark import column_truth, match_columns, truth_polarisation_pm, truth_tilts
+    from stemnet.reconstruct.heldout import column_truth, match_columns, truth_polarisation_pm, truth_tilts
 
     z = np.load(Path(micrograph) / "truth.npz")
     desc = json.loads(str(z["description"]))

@@ -8,6 +8,7 @@ size, larger field, shot noise), read from TIFF, HyperSpy, EMD and .npy.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -59,8 +60,10 @@ def signal(data, title, scale, units, nav=0):
                 package_info={"package": "", "package_version": ""}, tmp_parameters={})
 
 
-def lattice_images(cells=4, pixel=0.4, b_shift=(0.0, 0.0), a=A_ANG, sigma=0.35):
-    """Synthetic [001] perovskite HAADF + ABF (Gaussian columns): A bright, B dimmer, O in ABF."""
+def lattice_images(cells=4, pixel=0.4, b_shift=(0.0, 0.0), a=A_ANG, sigma=0.35, supercell=None, contrast=0.05):
+    """Synthetic [001] perovskite HAADF + ABF (Gaussian columns): A bright, B dimmer, O in ABF.
+    ``supercell`` "2x1" or "sqrt2": every other A column (along x, or in a checkerboard)
+    ``contrast`` brighter, a weak superlattice as octahedral tilts or ordering give."""
     n = int(round(cells * a / pixel))
     c = (np.arange(n) + 0.5) * pixel
     yy, xx = np.meshgrid(c, c, indexing="ij")
@@ -68,7 +71,8 @@ def lattice_images(cells=4, pixel=0.4, b_shift=(0.0, 0.0), a=A_ANG, sigma=0.35):
     abf = np.ones((n, n))
     for i in range(-1, cells + 1):
         for j in range(-1, cells + 1):
-            sites = [((i + 0.25) * a, (j + 0.25) * a, 1.0, 0.2),
+            bright = {"2x1": i % 2, "sqrt2": (i + j) % 2}.get(supercell, 0)
+            sites = [((i + 0.25) * a, (j + 0.25) * a, 1.0 + contrast * bright, 0.2),
                      ((i + 0.75) * a + b_shift[0], (j + 0.75) * a + b_shift[1], 0.55, 0.2),
                      ((i + 0.75) * a, (j + 0.25) * a, 0.0, 0.1), ((i + 0.25) * a, (j + 0.75) * a, 0.0, 0.1)]
             for x0, y0, amp, dip in sites:
@@ -356,6 +360,38 @@ def test_tta_inverse_transforms():
     assert np.allclose(d.mean(axis=0), 0, atol=1e-6)
     assert np.allclose(d.std(axis=0)[..., 3], np.sqrt(0.5)) and np.allclose(d.std(axis=0)[..., 4], np.sqrt(0.5))
     assert sorted(np.round(d[:, 0, 0, 3]).tolist()) == [-1, -1, 0, 0, 0, 0, 1, 1]
+
+
+def test_fundamental_basis_undoes_supercells_but_keeps_weak_fundamentals():
+    """Peak lists: half-order spots (2a × a, √2a × √2a) holding 1 % of the power give way to
+    the fundamental reflections; (100) spots weaker than (110) but holding 20 % are kept."""
+    from stemnet.reconstruct.lattice import fundamental_basis
+
+    def peaks(spots):
+        ks = np.array([[h * s, k * s] for (h, k), _ in spots for s in (1, -1)], float) / 10
+        return ks, np.array([p for _, p in spots for _ in (1, -1)], float)
+
+    fundamental = [((1, 0), 5.0), ((0, 1), 5.0), ((1, 1), 9.0), ((1, -1), 9.0), ((2, 0), 2.0), ((0, 2), 2.0)]
+    for extra in ([((0.5, 0), 0.3), ((1.5, 0), 0.2)], [((0.5, 0.5), 0.2), ((0.5, -0.5), 0.2)]):
+        g = fundamental_basis(*peaks(fundamental + extra))
+        assert abs(abs(np.linalg.det(g)) - 0.01) < 1e-9, extra  # the cell of the (100), (010) reflections
+    g = fundamental_basis(*peaks(fundamental))
+    assert sorted(np.round(np.linalg.norm(g, axis=1), 6)) == [0.1, 0.1]  # not the centred (110) lattice
+    assert fundamental_basis(np.array([[0.1, 0], [-0.1, 0], [0.2, 0]]), np.ones(3)) is None  # collinear
+
+
+@pytest.mark.parametrize("supercell", ["2x1", "sqrt2"])
+def test_fft_lattice_is_the_perovskite_cell_under_a_superlattice(supercell):
+    """Half-order reflections (every other A column 30 % brighter; the two shortest spots
+    gave a 2a × a or √2a × √2a cell before) are the shortest spots of the spectrum; the
+    lattice found is still the perovskite's a."""
+    pixel = 0.1
+    img = lattice_images(cells=8, pixel=pixel, supercell=supercell, contrast=0.3)
+    basis = R.fft_basis(img[0])
+    assert np.allclose(np.linalg.norm(basis, axis=1) * pixel, A_ANG, rtol=0.005)
+    spec = np.abs(np.fft.fft2(img[0] - img[0].mean()))
+    half = (4, 0) if supercell == "2x1" else (4, 4)  # 8 cells: the half-order spot is 4 bins out
+    assert spec[half[1], half[0]] > 0.08 * spec.max()  # the superlattice is there to be seen
 
 
 @pytest.mark.parametrize("pixel", [0.1, TRAIN_PIXEL])
@@ -726,6 +762,30 @@ def test_uncertainty_calibrated_on_validation(haadf_run, crystal, tmp_path):
     finally:
         (run / "uncertainty.json").unlink(missing_ok=True)  # the other tests use the uncalibrated run
 
+
+
+@pytest.mark.slow
+def test_uncertainty_calibrated_on_realistic_micrographs(haadf_run):
+    """``micrographs=1``: the variance scale is fitted on a realistic micrograph inside the
+    training draws, reconstructed as a user's file is; on another such micrograph (another
+    seed) the scaled 1σ interval holds the truth about as often; the split still gives the
+    reference spread."""
+    from stemnet.reconstruct.calibration import ensemble_on_micrographs
+
+    run, data, _ = haadf_run
+    try:
+        result = R.calibrate_uncertainty(run, data, "val", micrographs=1, seed=5)
+        scale = result["variance_scale"]
+        assert result["micrographs"] == 1 and "micrographs" in result["method"] and result["values"] > 100
+        assert 0.6 <= result["coverage_scaled"] <= 0.75 and result["val_spread_ang"] > 0
+        assert json.loads((run / "uncertainty.json").read_text())["variance_scale"] == pytest.approx(scale)
+        v = ensemble_on_micrographs(run, data, 1, seed=6)
+        t, m, s = v["displacement_t"], v["displacement_m"], v["displacement_s"]
+        print(f"\nvariance scale {scale:.2f} from one micrograph: on another {R.coverage(t, m, s):.1%} raw -> "
+              f"{R.coverage(t, m, scale * s):.1%} (split raw {result['split_coverage_raw']:.1%})")
+        assert 0.5 <= R.coverage(t, m, scale * s) <= 0.85
+    finally:
+        (run / "uncertainty.json").unlink(missing_ok=True)  # the other tests use the uncalibrated run
 
 def test_tilt_transforms_as_an_axial_vector():
     """Tilt angles (about x, y, z) under the 8 symmetries: rotations keep the tilt about z,

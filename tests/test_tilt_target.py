@@ -120,7 +120,7 @@ def test_truth_tilts_of_a_minus_a_minus_c0_are_the_requested_angles():
     and y, 0 about z, within 0.2°, and as measured from the atoms (measure_tilts)."""
     from simulation.labels import find_columns
     from simulation.structures import build_specimen, material_from_dict, measure_tilts
-    from stemnet.reconstruct.benchmark import truth_tilts
+    from stemnet.reconstruct.heldout import truth_tilts
 
     spec = build_specimen(material_from_dict("SrTiO3", {"A": "Sr", "B": "Ti", "X": "O", "a": 3.905}), 4, 2,
                           glazer="a-a-c0", tilt_deg=(6.5, 6.5, 0.0))

@@ -21,6 +21,7 @@ from stemnet.reconstruct.peaks import find_peaks
 LATTICE_TOLERANCE = 0.05  # relative: measured a vs the run's materials
 SQUARE_TOLERANCE_DEG = 3.0  # angle between the cell vectors, [001] zone
 FFT_PAD = 4  # zero padding of the spectrum (finer peak positions)
+EXPLAINED_POWER = 0.95  # a supercell is undone only when its extra reflections hold under 5 % of the power
 
 
 @dataclass
@@ -51,10 +52,50 @@ class Lattice:
         return self.origin + np.asarray(uv) @ self.basis
 
 
+def fundamental_basis(ks: np.ndarray, power: np.ndarray, *, explained: float = EXPLAINED_POWER) -> Optional[np.ndarray]:
+    """The reciprocal basis ``(2, 2)`` (rows g1, g2, cycles/px) of the fundamental lattice
+    among spectral peaks ``ks`` (N, 2) of ``power`` (N,).
+
+    The two shortest non-collinear peaks span the lattice unless they are superlattice
+    reflections (octahedral tilts, ordering), which are shorter than the fundamental ones:
+    half-order spots along one or both axes (a 2a × a or 2a × 2a cell) or at (½, ½) (a
+    √2a × √2a cell). Each such supercell is undone -- g → 2g, or (g1 + g2, g1 − g2) --
+    when the coarser reciprocal lattice still holds at least ``explained`` of the peaks'
+    power (a peak within 0.12 of an integer combination) and its basis vectors are peaks
+    at least as strong as the ones they replace. None when no pair is non-collinear."""
+    ks, power = np.asarray(ks, np.float64), np.asarray(power, np.float64)
+    order = np.argsort(np.hypot(ks[:, 0], ks[:, 1]))
+    ks, power = ks[order], power[order]
+    g1 = ks[0]
+    second = [j for j in range(1, len(ks)) if abs(g1[0] * ks[j, 1] - g1[1] * ks[j, 0])
+              > 0.5 * np.linalg.norm(g1) * np.linalg.norm(ks[j])]
+    if not second:
+        return None
+    g2 = ks[second[0]]
+    total = power.sum()
+
+    def strength(g):  # power of the peak at g (0 if there is none)
+        d = np.linalg.norm(ks - g, axis=1)
+        return float(power[np.argmin(d)]) if d.min() < 0.12 * np.linalg.norm(g) else 0.0
+
+    def holds(g):
+        hk = ks @ np.linalg.inv(g)
+        return power[np.all(np.abs(hk - np.round(hk)) < 0.12, axis=1)].sum() >= explained * total
+
+    best = np.array([g1, g2])
+    floor = min(strength(g1), strength(g2))
+    for cand in ([2 * g1, 2 * g2], [2 * g1, g2], [g1, 2 * g2], [g1 + g2, g1 - g2]):
+        g = np.array(cand)
+        if abs(np.linalg.det(g)) > abs(np.linalg.det(best)) * 1.01 and holds(g) \
+                and min(strength(v) for v in g if not any(np.allclose(v, w) for w in (g1, g2))) >= floor:
+            best = g
+    return best
+
+
 def fft_basis(image: np.ndarray, min_period_px: float = 2.5) -> Optional[np.ndarray]:
-    """``(2, 2)`` real-space cell (rows e1, e2 in (row, col) px) from the two shortest
-    reciprocal vectors of the image's spectrum (Hann window, zero padded, peak centroids);
-    None when the spectrum shows no lattice."""
+    """``(2, 2)`` real-space cell (rows e1, e2 in (row, col) px) of the fundamental lattice
+    of the image's spectrum (Hann window, zero padded, peak centroids;
+    :func:`fundamental_basis`); None when the spectrum shows no lattice."""
     image = np.asarray(image, np.float64)
     h, w = image.shape
     win = np.outer(np.hanning(h), np.hanning(w))
@@ -78,17 +119,11 @@ def fft_basis(image: np.ndarray, min_period_px: float = 2.5) -> Optional[np.ndar
         wgt = patch**2
         ks.append((((wgt * yy).sum() / wgt.sum() - cy) / ny, ((wgt * xx).sum() / wgt.sum() - cx) / nx))
     ks = np.array(ks)
-    order = np.argsort(np.hypot(ks[:, 0], ks[:, 1]))
-    ks = ks[order]
-    g1 = ks[0]
-    g2 = None
-    for k in ks[1:]:
-        sin = abs(g1[0] * k[1] - g1[1] * k[0]) / (np.linalg.norm(g1) * np.linalg.norm(k))
-        if sin > 0.5:
-            g2 = k
-            break
-    if g2 is None:
+    power = np.array([spec[py, px] for py, px in peaks]) ** 2
+    basis = fundamental_basis(ks, power)
+    if basis is None:
         return None
+    g1, g2 = basis
     return np.linalg.inv(np.array([g1, g2])).T  # e_i · g_j = δ_ij
 
 
