@@ -125,7 +125,8 @@ def test_flat_ring_is_one_ring_through_every_gpu():
 
 
 def test_reductions_on_the_computing_core_do_not_hide():
-    """comm_overlaps_compute: false (CPU ranks) -- the stream's busy time adds to backprop."""
+    """comm_overlaps_compute: false (CPU ranks) -- the copies and sums (the α-β transfer)
+    add to backprop; the per-allreduce overhead (waiting) only delays the stream."""
     from stemnet.distributed.scaling import LayerCost, Workload, simulate_step
     from stemnet.hpc.machines import Network
 
@@ -136,7 +137,14 @@ def test_reductions_on_the_computing_core_do_not_hide():
     gpu, cpu = Network.model_validate(spec), Network.model_validate({**spec, "comm_overlaps_compute": False})
     hidden = simulate_step(work, "layer", 2, gpu)
     serial = simulate_step(work, "layer", 2, cpu)
-    per = 1e-3 + 2 * 1 / 2 * 1e6 / 1e9  # overhead + ring of 2: 2 ms per layer
+    transfer = 2 * 1 / 2 * 1e6 / 1e9  # ring of 2: 1 ms per layer, plus 1 ms overhead
+    per = 1e-3 + transfer
     assert hidden.step_s == pytest.approx(0.005 + 0.040 + per + 0.002)  # only the last layer's exchange shows
-    assert serial.step_s == pytest.approx(0.005 + 0.040 + 4 * per + 0.002)
+    assert serial.step_s == pytest.approx(0.005 + 0.040 + 4 * transfer + 0.002)
     assert simulate_step(work, "layer", 1, cpu).step_s == pytest.approx(0.047)
+    # a long overhead is waiting: the stream (4 x 11 ms from the first layer's 10 ms) ends last
+    slow = Network.model_validate({**spec, "comm_overlaps_compute": False, "allreduce_overhead_us": 10_000.0})
+    assert simulate_step(work, "layer", 2, slow).step_s == pytest.approx(0.005 + 0.010 + 4 * 0.011 + 0.002)
+    # the rest of the step (loss, metrics, dispatch) adds serially
+    other = Workload(work.layers, 0.005, 0.002, other_s=0.003)
+    assert simulate_step(other, "layer", 2, cpu).step_s == pytest.approx(serial.step_s + 0.003)

@@ -86,6 +86,11 @@ def worker(model_config: str, input_shape, batch: int, steps: int, sizes: Sequen
                 "tape_order": [list(t) for t in work.tape_order], "source": work.source})
     for row in measure(model_config, input_shape, batch, steps, strategies, quiet=True):
         out.append({"kind": "step", **row})
+    # the same training step without any collective, both ranks computing at once: the
+    # step's own work beyond forward + backward + update (loss, metrics, dispatch)
+    hvd.allreduce(tf.constant(0.0), name="calibrate_barrier_local")
+    (local,) = measure(model_config, input_shape, batch, steps, ["none"], quiet=True, backend="local")
+    out.append({"kind": "local_step", "step_s": local["step_s"]})
     if hvd.rank() == 0:
         for row in out:
             print("CALIBRATE " + json.dumps(row), flush=True)
@@ -173,9 +178,12 @@ def calibrate(config, machine: str = "local", *, input_shape=(16, 16, 2), batch:
                                f"over {len(points)} sizes {points[0]['bytes']}..{points[-1]['bytes']} B, "
                                f"2 ranks, horovodrun --gloo, Average, float32, HOROVOD_CYCLE_TIME {cycle_time_ms:g} ms"},
     })
-    work = Workload(tuple(LayerCost(n, int(b), float(s)) for n, b, s in work_row["layers"]),
-                    work_row["forward_s"], work_row["update_s"],
-                    tuple((int(i), int(b)) for i, b in work_row["tape_order"]), work_row["source"])
+    layers = tuple(LayerCost(n, int(b), float(s)) for n, b, s in work_row["layers"])
+    local = [r["step_s"] for r in rows if r["kind"] == "local_step"]
+    compute = work_row["forward_s"] + sum(layer.backward_s for layer in layers) + work_row["update_s"]
+    other = max(0.0, local[0] - compute) if local else 0.0
+    work = Workload(layers, work_row["forward_s"], work_row["update_s"],
+                    tuple((int(i), int(b)) for i, b in work_row["tape_order"]), work_row["source"], other_s=other)
     strategies_out = {}
     for s in strategies:
         # Horovod makes explicit groups wait for the next cycle tick too (cycle_groups)
@@ -187,7 +195,8 @@ def calibrate(config, machine: str = "local", *, input_shape=(16, 16, 2), batch:
     result = {"machine": str(machine), "machine_state": load, "cycle_time_ms": cycle_time_ms, "config": str(config), "input_shape": list(input_shape),
               "batch_per_rank": batch, "allreduce": points, "fit": fit, "network": network.model_dump(),
               "workload": {"source": work.source, "forward_s": work.forward_s, "backward_s": work.backward_s,
-                           "update_s": work.update_s, "grad_bytes": work.grad_bytes},
+                           "update_s": work.update_s, "other_s": work.other_s,
+                           "local_step_s": local[0] if local else None, "grad_bytes": work.grad_bytes},
               "strategies": strategies_out}
     if write is not None:
         data = yaml.safe_load(profile.path.read_text())
@@ -209,7 +218,9 @@ def format_calibration(result: dict) -> str:
     lines += [f"fit: alpha {fit['alpha_s'] * 1e6:.1f} us, beta {fit['beta_s_per_byte'] * 1e9:.4g} ns/byte "
               f"({1 / fit['beta_s_per_byte'] / 1e9:.3g} GB/s); worst misfit {fit['max_relative_misfit']:.0%}",
               f"compute ({w['source']}): forward {w['forward_s'] * 1e3:.3g} ms, backward {w['backward_s'] * 1e3:.3g} "
-              f"ms, update {w['update_s'] * 1e3:.3g} ms; gradients {w['grad_bytes'] / 2**20:.3g} MiB",
+              f"ms, update {w['update_s'] * 1e3:.3g} ms, the rest of the step {w.get('other_s', 0) * 1e3:.3g} ms "
+              f"(the step without collectives: {(w.get('local_step_s') or 0) * 1e3:.3g} ms); gradients "
+              f"{w['grad_bytes'] / 2**20:.3g} MiB",
               f"2-rank step of {Path(result['config']).name}, input {','.join(map(str, result['input_shape']))}, "
               f"batch {result['batch_per_rank']}/rank, HOROVOD_CYCLE_TIME {result['cycle_time_ms']:g} ms "
               "(model: reductions on the computing cores, groups wait for cycle ticks):",

@@ -59,7 +59,13 @@ Wire bytes are float32 gradients (4 bytes per parameter), halved by fp16 compres
 
 **No separate engine.** On CPU ranks (``comm_overlaps_compute: false``, the local
 profile) the reduction's copies and sums run on the core that computes: the step is then
-at least forward + backward + the stream's busy time + update.
+at least forward + backward + the α-β transfer time of every allreduce + update. The
+per-allreduce overhead (Horovod's cycle wait and negotiation, a message round trip) is
+waiting, not work: it delays the stream, not the compute.
+
+**The rest of the step.** ``Workload.other_s`` (loss, metrics, op dispatch; measured by
+``--calibrate`` as the training step without collectives minus forward, backward and
+update) is added serially: T(N) = forward + tail + update + other.
 
 Not modelled: contention with other jobs, stragglers and rank skew (the negotiation wait a
 timeline shows), memory copies into fusion buffers, compute slowed by communication
@@ -263,15 +269,16 @@ def simulate_step(workload: Workload, strategy: str, gpus: int, network: Network
     wire = 0.5 if dist.compression == "fp16" else 1.0
     overhead = network.allreduce_overhead_us * 1e-6
     backward = workload.backward_s
-    end = busy = 0.0
+    end = busy = work = 0.0
     count = 0
     if gpus > 1:
         def reduce(start, nbytes):
-            nonlocal end, busy, count
+            nonlocal end, busy, work, count
             begin = max(start, end)
-            duration = overhead + allreduce_seconds(nbytes * wire, gpus, network, algorithm)
-            end = begin + duration
-            busy += duration
+            transfer = allreduce_seconds(nbytes * wire, gpus, network, algorithm)
+            end = begin + overhead + transfer
+            busy += overhead + transfer
+            work += transfer  # copies and sums; the overhead is waiting (cycle, negotiation)
             count += 1
 
         groups = plan_groups(workload, strategy, group_bytes=int(dist.group_bytes_mib * 2**20),
@@ -285,10 +292,10 @@ def simulate_step(workload: Workload, strategy: str, gpus: int, network: Network
             cycle_s = dist.cycle_time_ms * 1e-3
             for group in groups:
                 reduce(_next_tick(group.ready_s, cycle_s) if cycle_groups else group.ready_s, group.nbytes)
-    # without a communication engine of its own, the busy time of the reductions is taken
-    # from the compute: backprop cannot end before backward + busy
-    tail = max(backward, end) if network.comm_overlaps_compute else max(end, backward + busy)
-    step = workload.forward_s + tail + workload.update_s
+    # without a communication engine of its own, the reductions' copies and sums are taken
+    # from the compute: backprop cannot end before backward + that work
+    tail = max(backward, end) if network.comm_overlaps_compute else max(end, backward + work)
+    step = workload.forward_s + tail + workload.update_s + workload.other_s
     return StepTime(strategy, gpus, workload.forward_s, backward, workload.update_s, end, busy, count, step)
 
 
@@ -328,6 +335,7 @@ def predict(workload: Workload, network: Network, gpus: Sequence[int], strategie
             "forward_s": workload.forward_s,
             "backward_s": workload.backward_s,
             "update_s": workload.update_s,
+            "other_s": workload.other_s,
             "grad_bytes": workload.grad_bytes,
             "layers": [asdict(layer) for layer in workload.layers],
         },

@@ -1,7 +1,7 @@
 """Step time of the training step per gradient-grouping strategy, on however many ranks.
 
 ``python -m stemnet.distributed.steptime --model CONFIG --input-shape H,W,C --batch B
---steps N [--backend auto|horovod|mwms] STRATEGY...`` (plain, under ``horovodrun``, or
+--steps N [--backend auto|horovod|mwms|local] STRATEGY...`` (plain, under ``horovodrun``, or
 under ``stemnet launch``) prints one JSON line per strategy from rank 0:
 ``{"strategy", "backend", "world", "groups", "step_s", "samples_per_s"}``. The same
 synthetic batch on every rank; the median of N timed steps after 3 warm-up steps.
@@ -21,14 +21,15 @@ def measure(model_config: str, input_shape, batch: int, steps: int, strategies, 
     import tensorflow as tf
 
     from stemnet.config import TrainConfig, load_config
-    from stemnet.distributed.backends import init_backend
+    from stemnet.distributed.backends import LocalBackend, init_backend
     from stemnet.distributed.grouping import make_groups
     from stemnet.models import build_model
     from stemnet.train.optim import build_optimizer
     from stemnet.train.step import make_train_step
 
     cfg = load_config(model_config, require=("model",))
-    dist = init_backend(cfg.distributed.model_copy(update={"backend": backend}))
+    # "local": the same step without any collective (what each rank computes on its own)
+    dist = LocalBackend() if backend == "local" else init_backend(cfg.distributed.model_copy(update={"backend": backend}))
     h, w, c = input_shape
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(batch, h, w, c)).astype(np.float32))
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
     parser.add_argument("--input-shape", default="16,16,2")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--backend", default="auto", choices=["auto", "horovod", "mwms"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "horovod", "mwms", "local"])
     parser.add_argument("strategies", nargs="+")
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.input_shape.split(","))

@@ -42,6 +42,9 @@ class Workload:
         gradients (``model.trainable_variables``); what ``count:N`` splits and ``none``
         fuses. Empty: one variable per layer in forward order (reverse backprop order).
     source : how compute times were obtained ("analytic ..." or "measured ...").
+    other_s : the step's own work beyond forward, backward and update (loss, metrics,
+        dispatch), seconds, serial: measured by ``stemnet scaling --calibrate`` as the
+        training step without collectives minus the three; 0 elsewhere.
     """
 
     layers: Tuple[LayerCost, ...]
@@ -49,6 +52,7 @@ class Workload:
     update_s: float
     tape_order: Tuple[Tuple[int, int], ...] = ()
     source: str = ""
+    other_s: float = 0.0
 
     def __post_init__(self):
         if not self.tape_order:

@@ -40,7 +40,7 @@ def ensemble_on_samples(run, data, split: str = "val", max_samples: int = 64) ->
     ``max_samples`` samples of ``data/split``: ``{"displacement": [t, m, s], "tilt": ...}``
     with ``(N, K)`` arrays (in-plane displacement channels, Å; tilt, degrees)."""
     from stemnet.data import Normalization
-    from stemnet.shards import ShardReader, read_manifest, simulation_section
+    from stemnet.shards import ShardReader, close_shards, read_manifest, simulation_section
     from stemnet.train.run import load_run
     from stemnet.train.rundata import RunData
 
@@ -53,6 +53,7 @@ def ensemble_on_samples(run, data, split: str = "val", max_samples: int = 64) ->
         raise UserError(f"{data}: no {split!r} samples to calibrate the uncertainty on")
     model, _, _, _ = load_run(run)
     predict = keras_predictor(model)
+    close_shards(data)  # a training pipeline of this process may hold the shards open
     channels = info.get("input_channels") or []
     names = simulation_section(manifest).detectors or list(channels)
     pick = [names.index(c) for c in channels] if all(c in names for c in channels) else list(range(len(channels)))
@@ -110,7 +111,8 @@ def ensemble_on_micrographs(run, data, count: int = 2, seed: int = 2027, progres
     rng = np.random.default_rng(seed)
     found: Dict[str, list] = {}
     for k in range(count):
-        spec, micrograph, material, _ = realistic_micrograph(info, sim, rng, held_out=False, name=f"calibration-{k}")
+        spec, micrograph, material, _ = realistic_micrograph(info, sim, rng, held_out=False, name=f"calibration-{k}",
+                                                             index=k)
         c = reconstruct(predict, micrograph, info, norm, progress=progress).columns
         for key, arr in zip("tms", matched_displacements(c, spec, material.a)):
             found.setdefault(f"displacement_{key}", []).append(arr)

@@ -196,13 +196,16 @@ def simulate_micrograph(material, cells: int, thickness: int, distortion: dict, 
 def realistic_micrograph(info: dict, sim: dict, rng: np.random.Generator, *, held_out: bool,
                          glazer: Optional[str] = None, pixel_ang: float = 0.1, min_px: int = 256,
                          imperfections: Optional[dict] = None, name: str = "micrograph",
-                         phonon_configs: int = PHONON_CONFIGS):
+                         phonon_configs: int = PHONON_CONFIGS, index: int = 0):
     """One realistic micrograph for the run ``info`` (its ``data.json``) trained on ``sim``.
 
     ``held_out``: the first trained material, the Glazer system ``glazer``, angles in the
     upper half of the trained range, :func:`held_out_thickness`, half the trained dose
     and :data:`IMPERFECTIONS`. Otherwise everything inside the training draws: a trained
-    material, Glazer system, angles, thickness (even) and :func:`training_draws`. The field
+    material, angles, :func:`training_draws`, and -- in turn with ``index``, so that a few
+    micrographs span them -- the trained even thicknesses and Glazer systems (``glazer``
+    overrides it), the drift per line scaled to the finer lines (the lattice strained as in
+    training). The field
     is at least ``min_px`` pixels of about ``pixel_ang`` Å, an even number of cells.
     ``phonon_configs`` as :func:`simulate_micrograph`. Returns (specimen,
     :class:`~stemnet.reconstruct.micrograph.Micrograph`, material, meta).
@@ -223,34 +226,43 @@ def realistic_micrograph(info: dict, sim: dict, rng: np.random.Generator, *, hel
     else:
         t_lo, t_hi = (int(t) for t in sim["specimen"]["thickness_cells"])
         evens = [t for t in range(t_lo, t_hi + 1) if t % 2 == 0] or [t_hi]
-        thickness = int(evens[int(rng.integers(len(evens)))])
-        systems, tilt_range = [glazer] if glazer else list(sim["distortion"]["glazer"]), (lo, hi)
+        thickness = int(evens[index % len(evens)])  # stratified: micrograph ``index`` takes them in turn
+        trained = list(sim["distortion"]["glazer"])
+        systems, tilt_range = [glazer or trained[index % len(trained)]], (lo, hi)
         draws = training_draws(sim, rng)
+        # drift per scan line at the micrograph's finer lines: the same strain as in training
+        per_line = pixel_ang / (float(sim["fov_ang"]) / max(sim["output_shape"]))
+        for key in ("drift_x_ang_per_line", "drift_y_ang_per_line"):
+            draws[key] *= per_line
         dose = draws["dose_e_per_ang2"]
-    polar_b = float(sim["distortion"].get("polar_B_ang") or 0.12)
-    distortion = draw_distortion(rng, glazer_systems=systems, tilt_range_deg=tilt_range, polar_A_max_ang=0.0,
-                                 polar_B_max_ang=min(polar_b, 0.12))
-    distortion["polar_B_ang"] = distortion["polar_B_ang"][:2] + (0.0,)  # [001]: dz is not seen
+    trained_a, trained_b = (float(sim["distortion"].get(k) or 0.0) for k in ("polar_A_ang", "polar_B_ang"))
+    # held out: B-site polarisation only (at most 0.12 Å); training-like: the trained ranges
+    polar_a, polar_b = (0.0, min(trained_b or 0.12, 0.12)) if held_out else (trained_a, trained_b)
+    distortion = draw_distortion(rng, glazer_systems=systems, tilt_range_deg=tilt_range, polar_A_max_ang=polar_a,
+                                 polar_B_max_ang=polar_b)
+    for key in ("polar_A_ang", "polar_B_ang"):  # [001]: dz is not seen
+        distortion[key] = tuple(distortion[key][:2]) + (0.0,)
     channels = [c.lower() for c in info["input_channels"]]
     spec, frames, p, _ = simulate_micrograph(material, cells, thickness, distortion, sim, channels, rng,
                                              pixel_ang=pixel_ang, dose=dose, imperfections=imperfections,
                                              draws=draws, phonon_configs=phonon_configs)
     micrograph = Micrograph(frames, (p, p), channels, [], name, "file")
     meta = {"glazer": distortion["glazer"], "tilt_deg": list(distortion["tilt_deg"]),
-            "polar_B_ang": list(distortion["polar_B_ang"]), "material": material.name, "pixels": frames.shape[-1],
+            "polar_A_ang": list(distortion["polar_A_ang"]), "polar_B_ang": list(distortion["polar_B_ang"]), "material": material.name, "pixels": frames.shape[-1],
             "pixel_ang": p, "thickness_cells": thickness, "dose_e_per_ang2": dose, "phonon_configs": phonon_configs,
             "held_out": held_out}
     return spec, micrograph, material, meta
 
 
-def matched_displacements(columns: dict, specimen, a_ang: float):
+def matched_displacements(columns: dict, specimen, a_ang: float, sublattice: Optional[int] = None):
     """Truth, network mean and spread [Å] of the in-plane displacements (dx, dy) of every
-    reconstructed column matched to a true one: three (N, 2) arrays."""
+    reconstructed column matched to a true one (of ``sublattice`` 0 A, 1 B, 2 O only, if
+    given): three (N, 2) arrays."""
     truth = column_truth(specimen)
     box = np.diag(specimen.atoms.cell.array)[:2]
     matched = match_columns(columns["sublattice"], np.column_stack([columns["ideal_x_ang"], columns["ideal_y_ang"]]),
                             truth, box, a_ang)
-    m = matched >= 0
+    m = (matched >= 0) & (sublattice is None or columns["sublattice"] == sublattice)
     t = truth.displacement[matched[m], :2]
     mean = np.column_stack([columns["dx_ang"][m], columns["dy_ang"][m]])
     std = np.column_stack([columns["std_dx_ang"][m], columns["std_dy_ang"][m]])
