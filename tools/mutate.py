@@ -84,6 +84,11 @@ MUTANTS: List[Mutant] = [
     M("tta-tilt-signed", "moved = moved[..., tilt_table(element)[0]]",
       "moved = moved[..., tilt_table(element)[0]] * tilt_table(element)[1]",
       ("tests/test_reconstruct.py -k equivariant",)),
+    # --- the FFT lattice under a superlattice; CPU ranks wait out the allreduce overhead
+    M("supercell-kept", "            best = g\n", "            pass\n",
+      ("tests/test_reconstruct.py -k superlattice",)),
+    M("overhead-on-compute", "            work += transfer  #", "            work += overhead + transfer  #",
+      ("tests/test_scaling_checks.py -k computing_core",)),
 ]
 
 
