@@ -10,7 +10,8 @@ even) and another dose (half the trained one), Poisson noise. The specimens have
 systems out of the image plane (a−a−c0, a−a−a−) and about the beam (a0a0c+), angles in
 the trained range, averaged over frozen phonons (:mod:`.heldout`). Each is reconstructed at that native calibration; every column is
 matched to its true column. Reported (JSON): per-column dx/dy RMSE in pm of the network
-and of the Gaussian-fit baseline (A and B columns, relative to the A lattice), dz RMSE
+and of the Gaussian-fit baseline (A and B columns, relative to the A lattice), the O
+columns' dx/dy RMSE and correlation with the truth (``dxdy_*_O_*``), dz RMSE
 against zero, the tilt MAE per B column of the network's tilt head about z
 (``tilt_mae_deg_inplane``) and about x and y (``tilt_mae_deg_out_of_plane``) against the
 truth (:func:`truth_tilts`) and the zero baseline, the estimate about z from the O
@@ -103,7 +104,7 @@ def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_p
     rng = np.random.default_rng(seed)
     has_tilt = "tilt" in info["targets"]
     rows = []
-    errs = {k: [] for k in ("net", "fit", "dz", "dz0", "tz", "tz0", "tz_O", "tz_O_truth", "txy", "txy0", "z0", "z1", "z2",
+    errs = {k: [] for k in ("net", "fit", "dz", "dz0", "tz", "tz0", "tz_O", "tz_O_truth", "txy", "txy0", "z0", "z1", "z2", "o_net", "o_true",
                             "border", "inner")}
     for k in range(samples):
         spec, micrograph, material, meta = realistic_micrograph(
@@ -128,6 +129,8 @@ def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_p
         for sub in range(3):  # 1σ coverage per sublattice
             t_in, mean_in, std_in = matched_displacements(c, spec, material.a, sublattice=sub)
             errs[f"z{sub}"].append((np.abs(mean_in - t_in) <= std_in).ravel())
+        errs["o_net"].append(mean_in.ravel())  # O columns (sub 2): what the tilts move
+        errs["o_true"].append(t_in.ravel())
         # tilts per B column: the network's tilt head against the labels' rule, and the
         # estimate about z from the O displacements against the same rule on the true O
         b = np.flatnonzero((c["sublattice"] == 1) & m)
@@ -161,6 +164,9 @@ def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_p
     result = {
         "dxdy_rmse_pm_network": pm(rms(cat["net"])),
         "dxdy_rmse_pm_gaussian_fit": pm(rms(cat["fit"])),
+        "dxdy_rmse_pm_O_network": pm(rms(cat["o_net"] - cat["o_true"])), "dxdy_rmse_pm_O_zero": pm(rms(cat["o_true"])),
+        "dxdy_corr_O_network": float(np.corrcoef(cat["o_net"], cat["o_true"])[0, 1])
+        if len(cat["o_true"]) > 1 and np.std(cat["o_true"]) > 0 and np.std(cat["o_net"]) > 0 else None,
         "dz_rmse_pm_network": pm(rms(cat["dz"])), "dz_rmse_pm_zero": pm(rms(cat["dz0"])),
         "tilt_mae_deg_inplane": mae(cat["tz"]) if has_tilt else mae(cat["tz_O"]),
         "tilt_mae_deg_inplane_zero": mae(cat["tz0"]) if has_tilt else mae(cat["tz_O_truth"]),
