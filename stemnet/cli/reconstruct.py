@@ -48,7 +48,7 @@ def reconstruct_command(run_dir, inputs, out, channels, dataset, pixel_size, fil
 @click.option("--split", default="val", show_default=True, help="Split to calibrate on.")
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--micrographs", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Fit on this many realistic micrographs simulated inside the training draws (about 20 s "
+              help="Fit on this many realistic micrographs simulated inside the training draws (about 11 s "
                    "each) instead of the split's samples; the split still gives the reference spread.")
 @click.option("--seed", type=int, default=2027, show_default=True, help="Seed of the calibration micrographs.")
 def calibrate_command(run_dir, data_dir, split, samples, micrographs, seed) -> None:

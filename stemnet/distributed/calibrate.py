@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -178,12 +179,12 @@ def calibrate(config, machine: str = "local", *, input_shape=(16, 16, 2), batch:
                                f"over {len(points)} sizes {points[0]['bytes']}..{points[-1]['bytes']} B, "
                                f"2 ranks, horovodrun --gloo, Average, float32, HOROVOD_CYCLE_TIME {cycle_time_ms:g} ms"},
     })
-    layers = tuple(LayerCost(n, int(b), float(s)) for n, b, s in work_row["layers"])
+    work = Workload(tuple(LayerCost(n, int(b), float(s)) for n, b, s in work_row["layers"]),
+                    work_row["forward_s"], work_row["update_s"],
+                    tuple((int(i), int(b)) for i, b in work_row["tape_order"]), work_row["source"])
     local = [r["step_s"] for r in rows if r["kind"] == "local_step"]
-    compute = work_row["forward_s"] + sum(layer.backward_s for layer in layers) + work_row["update_s"]
-    other = max(0.0, local[0] - compute) if local else 0.0
-    work = Workload(layers, work_row["forward_s"], work_row["update_s"],
-                    tuple((int(i), int(b)) for i, b in work_row["tape_order"]), work_row["source"], other_s=other)
+    if local:  # what the step without collectives costs beyond forward + backward + update
+        work = replace(work, other_s=max(0.0, local[0] - work.forward_s - work.backward_s - work.update_s))
     strategies_out = {}
     for s in strategies:
         # Horovod makes explicit groups wait for the next cycle tick too (cycle_groups)

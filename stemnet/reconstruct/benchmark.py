@@ -8,16 +8,16 @@ own image formation): a larger source (Gaussian, FWHM in Å), linear scan drift 
 shear), scan-line jitter, another thickness (one cell more than the thickest trained,
 even) and another dose (half the trained one), Poisson noise. The specimens have tilt
 systems out of the image plane (a−a−c0, a−a−a−) and about the beam (a0a0c+), angles in
-the trained range, averaged over frozen phonons (:mod:`.heldout`). Each is reconstructed at that native calibration; every column is
-matched to its true column. Reported (JSON): per-column dx/dy RMSE in pm of the network
+the trained range, averaged over frozen phonons (:mod:`.heldout`). Each is reconstructed
+at that native calibration; every column is matched to its true column. Reported (JSON): per-column dx/dy RMSE in pm of the network
 and of the Gaussian-fit baseline (A and B columns, relative to the A lattice), the O
 columns' dx/dy RMSE and correlation with the truth (``dxdy_*_O_*``), dz RMSE
 against zero, the tilt MAE per B column of the network's tilt head about z
 (``tilt_mae_deg_inplane``) and about x and y (``tilt_mae_deg_out_of_plane``) against the
 truth (:func:`truth_tilts`) and the zero baseline, the estimate about z from the O
 displacements (``tilt_mae_deg_inplane_from_O``), 1σ coverage of the B and O columns' dx,
-dy (the A columns, the frame, separately: ``coverage_1sigma_per_sublattice``), and the seam ratio (mean
-error of the same columns within a pixel of a tile border / inside a tile, over eight
+dy (the A columns, the frame, separately: ``coverage_1sigma_per_sublattice``), and the
+seam ratio (mean error of the same columns within a pixel of a tile border / inside a tile, over eight
 positions of the tile grid: :func:`seam_errors`).
 """
 
@@ -30,9 +30,9 @@ from typing import Optional
 import numpy as np
 
 from stemnet.errors import UserError
-from stemnet.reconstruct.heldout import (GLAZER_SYSTEMS, IMPERFECTIONS, PHONON_CONFIGS, column_truth, match_columns,
-                                         matched_displacements, realistic_micrograph, truth_tilt_z_from_O,
-                                         truth_tilts)
+from stemnet.reconstruct.heldout import (GLAZER_SYSTEMS, IMPERFECTIONS, PHONON_CONFIGS, match_columns,
+                                         match_reconstruction, matched_displacements, realistic_micrograph,
+                                         truth_tilt_z_from_O, truth_tilts)
 
 def seam_errors(predict, micrograph, info: dict, norm, truth, box_ang, a_ang: float, run_pixel_ang: float, *,
                 phases: int = 8, uncertainty=None, first_columns=None):
@@ -111,11 +111,9 @@ def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_p
             info, sim, rng, held_out=True, glazer=glazer_systems[k % len(glazer_systems)], pixel_ang=pixel_ang,
             min_px=min_px, imperfections=imperfections, name=f"sim2real-{k}", phonon_configs=phonon_configs)
         rec = reconstruct(predict, micrograph, info, norm, uncertainty=uncertainty, progress=progress)
-        truth = column_truth(spec)
-        t_xy, t_sub, t_d = truth.xy, truth.sublattice, truth.displacement
         c = rec.columns
-        matched = match_columns(c["sublattice"], np.column_stack([c["ideal_x_ang"], c["ideal_y_ang"]]), truth,
-                                np.diag(spec.atoms.cell.array)[:2], material.a)
+        truth, matched = match_reconstruction(c, spec, material.a)
+        t_xy, t_sub, t_d = truth.xy, truth.sublattice, truth.displacement
         m = matched >= 0
         cat = m & (c["sublattice"] < 2)
         td = t_d[matched[cat]]
@@ -127,10 +125,11 @@ def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_p
         errs["dz"].append(c["dz_ang"][m] - t_d[matched[m], 2])
         errs["dz0"].append(t_d[matched[m], 2])
         for sub in range(3):  # 1σ coverage per sublattice
-            t_in, mean_in, std_in = matched_displacements(c, spec, material.a, sublattice=sub)
+            t_in, mean_in, std_in = matched_displacements(c, truth, matched, sublattice=sub)
             errs[f"z{sub}"].append((np.abs(mean_in - t_in) <= std_in).ravel())
-        errs["o_net"].append(mean_in.ravel())  # O columns (sub 2): what the tilts move
-        errs["o_true"].append(t_in.ravel())
+            if sub == 2:  # the O columns: what the tilts move
+                errs["o_net"].append(mean_in.ravel())
+                errs["o_true"].append(t_in.ravel())
         # tilts per B column: the network's tilt head against the labels' rule, and the
         # estimate about z from the O displacements against the same rule on the true O
         b = np.flatnonzero((c["sublattice"] == 1) & m)

@@ -95,8 +95,8 @@ def ensemble_on_micrographs(run, data, count: int = 2, seed: int = 2027, progres
     returns them: in-plane displacements (Å) of every column, tilt magnitudes (deg) at the
     B columns."""
     from stemnet.data import Normalization, tilt_target
-    from stemnet.reconstruct.heldout import (column_truth, match_columns, matched_displacements,
-                                             realistic_micrograph, truth_tilts)
+    from stemnet.reconstruct.heldout import (match_reconstruction, matched_displacements, realistic_micrograph,
+                                             truth_tilts)
     from stemnet.reconstruct.pipeline import reconstruct, run_info
     from stemnet.shards import read_manifest
     from stemnet.train.run import load_run
@@ -114,12 +114,10 @@ def ensemble_on_micrographs(run, data, count: int = 2, seed: int = 2027, progres
         spec, micrograph, material, _ = realistic_micrograph(info, sim, rng, held_out=False, name=f"calibration-{k}",
                                                              index=k)
         c = reconstruct(predict, micrograph, info, norm, progress=progress).columns
-        for key, arr in zip("tms", matched_displacements(c, spec, material.a)):
+        truth, matched = match_reconstruction(c, spec, material.a)
+        for key, arr in zip("tms", matched_displacements(c, truth, matched)):
             found.setdefault(f"displacement_{key}", []).append(arr)
         if "tilt" in info["targets"]:
-            truth = column_truth(spec)
-            matched = match_columns(c["sublattice"], np.column_stack([c["ideal_x_ang"], c["ideal_y_ang"]]), truth,
-                                    np.diag(spec.atoms.cell.array)[:2], material.a)
             b = np.flatnonzero((c["sublattice"] == 1) & (matched >= 0))
             m = np.column_stack([c[f"tilt_{a}_deg"][b] for a in "xyz"])
             s = np.column_stack([c[f"std_tilt_{a}_deg"][b] for a in "xyz"])

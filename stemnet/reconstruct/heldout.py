@@ -20,7 +20,8 @@ IMPERFECTIONS, GLAZER_SYSTEMS, PHONON_CONFIGS
 simulate_micrograph(material, cells, thickness, distortion, sim, channels, rng, ...) -> (specimen, images, px, positions)
 realistic_micrograph(info, sim, rng, *, held_out, glazer=None, ...) -> (specimen, Micrograph, material, meta)
 training_draws(sim, rng) -> dict; held_out_thickness(sim) -> int
-column_truth(specimen); match_columns(...); matched_displacements(columns, specimen, a_ang) -> (t, m, s)
+column_truth(specimen); match_columns(...); match_reconstruction(columns, specimen, a_ang) -> (truth, matched)
+matched_displacements(columns, truth, matched, sublattice=None) -> (t, m, s)
 truth_tilts(specimen, xy_ang); truth_tilt_z_from_O(...); truth_polarisation_pm(...)
 """
 
@@ -254,14 +255,21 @@ def realistic_micrograph(info: dict, sim: dict, rng: np.random.Generator, *, hel
     return spec, micrograph, material, meta
 
 
-def matched_displacements(columns: dict, specimen, a_ang: float, sublattice: Optional[int] = None):
-    """Truth, network mean and spread [Å] of the in-plane displacements (dx, dy) of every
-    reconstructed column matched to a true one (of ``sublattice`` 0 A, 1 B, 2 O only, if
-    given): three (N, 2) arrays."""
+def match_reconstruction(columns: dict, specimen, a_ang: float):
+    """The specimen's true columns (:func:`column_truth`) and, per row of a reconstructed
+    column table ``columns``, the index of its true column or -1 (:func:`match_columns`
+    at the ideal positions, in the specimen's periodic cell). Returns (truth, matched)."""
     truth = column_truth(specimen)
-    box = np.diag(specimen.atoms.cell.array)[:2]
     matched = match_columns(columns["sublattice"], np.column_stack([columns["ideal_x_ang"], columns["ideal_y_ang"]]),
-                            truth, box, a_ang)
+                            truth, np.diag(specimen.atoms.cell.array)[:2], a_ang)
+    return truth, matched
+
+
+def matched_displacements(columns: dict, truth, matched: np.ndarray, sublattice: Optional[int] = None):
+    """Truth, network mean and spread [Å] of the in-plane displacements (dx, dy) of every
+    reconstructed column matched to a true one (``truth``, ``matched``:
+    :func:`match_reconstruction`; of ``sublattice`` 0 A, 1 B, 2 O only, if given): three
+    (N, 2) arrays."""
     m = (matched >= 0) & (sublattice is None or columns["sublattice"] == sublattice)
     t = truth.displacement[matched[m], :2]
     mean = np.column_stack([columns["dx_ang"][m], columns["dy_ang"][m]])

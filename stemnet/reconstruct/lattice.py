@@ -121,10 +121,7 @@ def fft_basis(image: np.ndarray, min_period_px: float = 2.5) -> Optional[np.ndar
     ks = np.array(ks)
     power = np.array([spec[py, px] for py, px in peaks]) ** 2
     basis = fundamental_basis(ks, power)
-    if basis is None:
-        return None
-    g1, g2 = basis
-    return np.linalg.inv(np.array([g1, g2])).T  # e_i · g_j = δ_ij
+    return None if basis is None else np.linalg.inv(basis).T  # e_i · g_j = δ_ij
 
 
 def fit_lattice(points: np.ndarray, basis: np.ndarray, half: Optional[np.ndarray] = None,
