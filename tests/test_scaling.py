@@ -9,6 +9,7 @@ import yaml
 from stemnet.config import DistributedConfig
 from stemnet.hpc.machines import MACHINES_DIR, ProfileError, load_network
 from stemnet.distributed.scaling import (
+    ControlPlane,
     LayerCost,
     ScalingError,
     Workload,
@@ -137,6 +138,43 @@ def test_the_scaling_model_reproduces_hand_computed_figures_on_a_two_layer_toy(t
     assert json.loads(json.dumps(table))["rows"][1]["none"]["allreduces"] == 2
     text = format_prediction(table)
     assert "11.56" in text and "0.536" in text
+
+
+def test_horovod_negotiation_delays_and_spaces_the_cycles_by_hand(toy_net):
+    """The control plane on the toy (8 GPUs, 1 ms cycle; A 2.531 ms, B 5.031 ms per allreduce)."""
+    dist = toy_dist()
+    # point_to_point, 10 us per message at rank 0, 7 other ranks: an idle cycle is the 1 ms
+    # sleep + 2 x 7 x 10 us = 1.14 ms. A (ready 1.5) is taken by the cycle at 2.28 ms, whose
+    # 2 messages in per rank and the response out take 3 x 70 us: A starts 2.49, ends 5.021;
+    # the cycle ends with DONE (70 us) and the sleep: 3.56 ms. B (ready 3.7) waits for the
+    # cycle at 4.70, starts 4.91, the stream frees at 5.021: ends 10.052 ms.
+    p2p = ControlPlane("point_to_point", 10.0)
+    step = simulate_step(TOY, "none", 8, toy_net, dist=dist, control=p2p)
+    assert step.allreduces == 2 and step.step_s == pytest.approx((2 + 10.052 + 0.5) * MS)
+    # explicit groups waiting for the cycle (one allreduce each) follow the same schedule
+    assert simulate_step(TOY, "layer", 8, toy_net, dist=dist, control=p2p, cycle_groups=True).step_s == \
+        pytest.approx(step.step_s)
+    # collective: gather + broadcast, 2 x ceil(log2 8) x 10 us = 60 us after each 1 ms tick:
+    # A 2.06 -> 4.591, B (tick 4) waits for the stream: 4.591 -> 9.622 ms.
+    coll = simulate_step(TOY, "none", 8, toy_net, dist=dist, control=ControlPlane("collective", 10.0))
+    assert coll.step_s == pytest.approx((2 + 9.622 + 0.5) * MS)
+    # three small layers (1 MB: 0.281 ms each, the stream never waits), ready at 0.5, 1.6
+    # and 2.7 ms, one per cycle. point_to_point: C taken at 1.14 starts 1.35; that cycle
+    # ends 1.14 + 4 x 70 us + the 1 ms sleep = 2.42, takes D (starts 2.63); the next, at
+    # 3.70, takes E: starts 3.91, ends 4.191 ms.
+    small = Workload(tuple(LayerCost(n, 1_000_000, b * MS) for n, b in (("C", 0.5), ("D", 1.1), ("E", 1.1))),
+                     forward_s=1.0 * MS, update_s=0.0)
+    assert simulate_step(small, "none", 8, toy_net, dist=dist, control=p2p).step_s == pytest.approx(5.191 * MS)
+    # a negotiation longer than the cycle (6 x 200 us = 1.2 ms) spaces the cycles by 1.2 ms:
+    # C at 1.2 starts 2.4, D at 2.4 starts 3.6, E at 3.6 starts 4.8 and ends 5.081 ms.
+    slow = simulate_step(small, "none", 8, toy_net, dist=dist, control=ControlPlane("collective", 200.0))
+    assert slow.allreduces == 3 and slow.step_s == pytest.approx(6.081 * MS)
+    # the default is free, every 1 ms (the none schedule above); one GPU has no cycle
+    assert simulate_step(TOY, "none", 8, toy_net, dist=dist, control=ControlPlane()).step_s == \
+        pytest.approx(12.062 * MS)
+    assert simulate_step(TOY, "none", 1, toy_net, dist=dist, control=p2p).step_s == pytest.approx(6.2 * MS)
+    with pytest.raises(ScalingError, match="expected collective or point_to_point"):
+        ControlPlane("gossip", 1.0)
 
 
 def test_more_gpus_than_the_machine_or_a_bad_strategy_is_a_one_line_error(toy_net):

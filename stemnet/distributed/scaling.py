@@ -46,12 +46,17 @@ Wire bytes are float32 gradients (4 bytes per parameter), halved by fp16 compres
   order -- into N equal-count chunks, as Horovod does). A group can start when the last of
   its gradients is ready; groups go in order of readiness, each at
   ``max(ready, end of the previous group)``.
-- ``none`` (Horovod's tensor fusion) is approximated as Horovod's background cycle: every
-  ``cycle_time_ms`` (from the start of backprop) the gradients that became ready since the
-  previous tick are packed, in order, into fusion buffers of at most
-  ``fusion_threshold_mib``; each buffer is one allreduce queued on the stream at
-  ``max(tick, end of the previous buffer)``. The real cycle phase is arbitrary (about half
-  a cycle of extra latency on average) and the per-rank readiness skew is ignored.
+- ``none`` (Horovod's tensor fusion) is approximated as Horovod's background cycle: each
+  cycle (the first at the start of backprop) packs the gradients that became ready since
+  the previous one, in order, into fusion buffers of at most ``fusion_threshold_mib``,
+  negotiates them, and queues each buffer as one allreduce on the stream at
+  ``max(end of negotiation, end of the previous buffer)``. The negotiation is a
+  :class:`ControlPlane`: by default free, with a cycle every ``cycle_time_ms``; Horovod
+  <= 0.13.3 sent every rank's messages through rank 0 one at a time and slept a full
+  ``cycle_time_ms`` after each cycle (``point_to_point``), later releases gather and
+  broadcast (``collective``, 2⌈log2 N⌉ message times, a cycle every ``cycle_time_ms``
+  or when the last one is done). The real cycle phase is arbitrary (about half a cycle
+  of extra latency on average) and the per-rank readiness skew is ignored.
 - Explicit groups are *not* quantised to cycle ticks by default, as the issue specifies;
   in Horovod they too wait for the next cycle (``cycle_groups=True``, ``--cycle-groups``,
   applies the same ticks to them). With backprop much longer than ``cycle_time_ms`` this
@@ -82,7 +87,7 @@ allreduce_seconds(nbytes, gpus, network, algorithm=None) -> float
 LayerCost, Workload; profile_model(cfg, input_shape, output_shape) -> (rows, tape_order, model)
 analytic_workload(rows, network, ...) -> Workload; measure_workload(cfg, input_shape, ...) -> Workload
 plan_groups(workload, strategy, ...) -> list[Group] | None
-simulate_step(workload, strategy, gpus, network, ...) -> StepTime
+ControlPlane(kind, message_us); simulate_step(workload, strategy, gpus, network, ...) -> StepTime
 predict(workload, network, gpus, strategies, ...) -> dict; format_prediction(prediction) -> str
 scaling_report(config_path, machine, gpus, ...) -> dict  (what ``stemnet scaling`` runs)
 """
@@ -225,41 +230,71 @@ class StepTime:
         self.exposed_s = max(0.0, self.comm_end_s - self.backward_s)
 
 
-def _next_tick(t: float, cycle_s: float) -> float:
-    """The first cycle tick (a multiple of ``cycle_s`` after backprop starts) at or after ``t``."""
-    return math.ceil(t / cycle_s - 1e-9) * cycle_s
+@dataclass(frozen=True)
+class ControlPlane:
+    """Horovod's negotiation in each background cycle: which tensors every rank has ready.
 
-
-def _fusion_buffers(workload: Workload, ready: List[float], threshold: int, cycle_s: float):
-    """Horovod fusion as ticks every ``cycle_s``: yields ``(tick, bytes)`` per fusion buffer.
-
-    At each tick the gradients ready since the previous tick are packed, in readiness
-    order, into buffers of at most ``threshold`` bytes (a larger tensor goes alone).
+    ``collective`` (Horovod >= 0.13.4): an MPI_Gather and an MPI_Bcast of the requests,
+    2⌈log2 N⌉ message times; a cycle starts every ``cycle_time_ms`` or when the previous
+    one is done, whichever is later. ``point_to_point`` (Horovod <= 0.13.3): rank 0 takes
+    every rank's request list and DONE message, then sends every rank each fused response
+    (the ranks start that allreduce on receipt) and a DONE, one message at a time, then
+    sleeps a full ``cycle_time_ms``. ``message_us``: one control message's cost at rank 0.
+    The default (collective, 0 µs) is a cycle on a fixed grid of ticks.
     """
-    tensors = sorted(((ready[i], b) for i, b in workload.tape_order if b), key=lambda t: t[0])
-    k = 0
-    while k < len(tensors):
-        tick = _next_tick(tensors[k][0], cycle_s)  # later than the previous tick: all before it are taken
-        buffer = 0
-        while k < len(tensors) and tensors[k][0] <= tick + 1e-12:
-            size = tensors[k][1]
-            if buffer and buffer + size > threshold:
-                yield tick, buffer
-                buffer = 0
-            buffer += size
+
+    kind: str = "collective"
+    message_us: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in ("collective", "point_to_point") or self.message_us < 0:
+            raise ScalingError(f"control plane {self.kind!r}, {self.message_us} us: expected collective "
+                               "or point_to_point and a message cost >= 0")
+
+
+def _cycles(items, cycle_s: float, gpus: int, control: ControlPlane, threshold: Optional[int]):
+    """Horovod's background cycle over ``items`` ((ready s, bytes), in order of readiness).
+
+    Yields ``(start s, bytes)`` per allreduce, from the start of backprop (a cycle starts
+    there). Each cycle takes what is ready at its start and packs it, in order, into
+    buffers of at most ``threshold`` bytes (a larger tensor goes alone; ``None``: one
+    allreduce per item), negotiates (``control``), then queues the buffers on the stream.
+    """
+    m, others = control.message_us * 1e-6, gpus - 1
+    p2p = control.kind == "point_to_point"
+    tree = 2 * math.ceil(math.log2(gpus)) * m if gpus > 1 else 0.0
+    idle = cycle_s + 2 * others * m if p2p else max(cycle_s, tree)  # a cycle with nothing ready
+    t, k = 0.0, 0
+    while k < len(items):
+        if items[k][0] > t + 1e-12:  # idle cycles until something is ready
+            t += math.ceil((items[k][0] - t) / idle - 1e-9) * idle
+        buffers: List[int] = []
+        while k < len(items) and items[k][0] <= t + 1e-12:
+            size = items[k][1]
+            if not buffers or threshold is None or buffers[-1] + size > threshold:
+                buffers.append(0)
+            buffers[-1] += size
             k += 1
-        yield tick, buffer
+        if p2p:  # rank 0: 2 messages in per rank, then each response and DONE out per rank
+            for j, nbytes in enumerate(buffers, 1):
+                yield t + (2 + j) * others * m, nbytes
+            t += (3 + len(buffers)) * others * m + cycle_s
+        else:
+            for nbytes in buffers:
+                yield t + tree, nbytes
+            t += max(cycle_s, tree)
 
 
 def simulate_step(workload: Workload, strategy: str, gpus: int, network: Network, *,
                   dist: Optional[DistributedConfig] = None, algorithm: Optional[str] = None,
-                  cycle_groups: bool = False) -> StepTime:
+                  cycle_groups: bool = False, control: Optional[ControlPlane] = None) -> StepTime:
     """Predicted step time of ``workload`` on ``gpus`` GPUs with ``strategy`` (see the module notes).
 
     ``dist`` supplies the group budgets (``group_bytes_mib``, ``first_group_bytes_mib``),
     Horovod's fusion (``fusion_threshold_mib``, ``cycle_time_ms``) and ``compression``.
-    ``cycle_groups`` also makes explicit groups wait for the next cycle tick (as Horovod
-    does); by default only ``none`` is quantised to cycles.
+    ``cycle_groups`` also makes explicit groups wait for the next cycle (as Horovod does);
+    by default only ``none`` is quantised to cycles. ``control``: Horovod's negotiation per
+    cycle (:class:`ControlPlane`; default: free, ticks every ``cycle_time_ms``).
     """
     dist = dist or DistributedConfig()
     if network.max_gpus is not None and gpus > network.max_gpus:
@@ -283,15 +318,17 @@ def simulate_step(workload: Workload, strategy: str, gpus: int, network: Network
 
         groups = plan_groups(workload, strategy, group_bytes=int(dist.group_bytes_mib * 2**20),
                              first_group_bytes=int(dist.first_group_bytes_mib * 2**20))
-        if groups is None:
+        cycle_s, control = dist.cycle_time_ms * 1e-3, control or ControlPlane()
+        if groups is None:  # Horovod fusion: the gradients in the order they become ready
             ready = workload.ready_times()
-            for tick, nbytes in _fusion_buffers(workload, ready, int(dist.fusion_threshold_mib * 2**20),
-                                                dist.cycle_time_ms * 1e-3):
-                reduce(tick, nbytes)
+            tensors = sorted(((ready[i], b) for i, b in workload.tape_order if b), key=lambda t: t[0])
+            allreduces = _cycles(tensors, cycle_s, gpus, control, int(dist.fusion_threshold_mib * 2**20))
+        elif cycle_groups:
+            allreduces = _cycles([(g.ready_s, g.nbytes) for g in groups], cycle_s, gpus, control, None)
         else:
-            cycle_s = dist.cycle_time_ms * 1e-3
-            for group in groups:
-                reduce(_next_tick(group.ready_s, cycle_s) if cycle_groups else group.ready_s, group.nbytes)
+            allreduces = ((g.ready_s, g.nbytes) for g in groups)
+        for start, nbytes in allreduces:
+            reduce(start, nbytes)
     # without a communication engine of its own, the reductions' copies and sums are taken
     # from the compute: backprop cannot end before backward + that work
     tail = max(backward, end) if network.comm_overlaps_compute else max(end, backward + work)

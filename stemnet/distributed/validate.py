@@ -10,14 +10,19 @@ A figure with neither is refused. The model then predicts the efficiency ``T(1)/
 
 The per-layer structure of a published model is not in its paper: gradients are spread
 evenly over ``layers`` layers in backprop order, except a ``head`` (the layers whose
-gradients are ready first, e.g. VGG-16's fully connected layers) given as fractions of
-parameters and of backward time.
+gradients are ready first, e.g. VGG-16's fully connected layers, one entry per layer in
+backprop order) given as fractions of parameters and of backward time.
+
+Every published point ran Horovod, so its allreduces go through Horovod's background
+cycle as that version did it: ``control_plane`` and ``control_message_us`` describe the
+negotiation (``stemnet.distributed.scaling.ControlPlane``), and explicit groups wait for
+the cycle too (``cycle_groups``). One GPU reduces nothing: T(1) has no cycle.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,7 +34,7 @@ from stemnet.shipped import shipped_dir
 SCALING_DIR = shipped_dir("configs") / "scaling"
 NEEDS_SOURCE = ("gpus", "published_efficiency", "params", "batch_per_gpu", "samples_per_s_per_gpu",
                 "machine", "backward_fraction", "layers", "grad_bytes_per_param", "update_bytes_per_param",
-                "strategy")
+                "strategy", "control_plane", "control_message_us")
 
 
 class Head(BaseModel):
@@ -54,11 +59,14 @@ class PublishedPoint(BaseModel):
     samples_per_s_per_gpu: PositiveFloat  # at one GPU (or as close to it as the paper gives)
     backward_fraction: float = Field(2 / 3, gt=0, lt=1)  # of the one-GPU step
     layers: PositiveInt = 100
-    head: Optional[Head] = None
+    head: Optional[Union[Head, List[Head]]] = None  # one layer, or several in backprop order
     grad_bytes_per_param: Literal[2, 4] = 4  # float32 gradients, or fp16 (compressed or fp16 training)
     update_bytes_per_param: PositiveInt = 28  # optimizer memory traffic: Adam 28, momentum SGD 20, SGD 12
     strategy: str = "none"
     distributed: Dict[str, float] = Field(default_factory=dict)  # DistributedConfig fields
+    control_plane: Literal["collective", "point_to_point"] = "collective"  # Horovod's negotiation
+    control_message_us: float = Field(0.0, ge=0)  # one control message at the coordinator (µs)
+    cycle_groups: bool = True  # explicit groups wait for Horovod's cycle, as in Horovod
     sources: Dict[str, str]
     assumptions: Dict[str, str] = Field(default_factory=dict)
 
@@ -68,6 +76,10 @@ class PublishedPoint(BaseModel):
                 ("head",) if self.head else ()):
             if key not in self.sources and key not in self.assumptions:
                 raise ValueError(f"{key}: no source; expected an entry in sources or assumptions")
+        heads = [self.head] if isinstance(self.head, Head) else list(self.head or [])
+        if heads and (len(heads) >= self.layers or sum(h.params_fraction for h in heads) >= 1
+                      or sum(h.backward_fraction for h in heads) >= 1):
+            raise ValueError("head: expected fewer head layers than layers, fractions summing below 1")
         return self
 
     @property
@@ -98,17 +110,18 @@ def workload_of(point: PublishedPoint, network):
     grad = point.params * point.grad_bytes_per_param
     layers: List = []
     body_bytes, body_bwd, n = grad, backward, point.layers
-    if point.head is not None:
-        layers.append(LayerCost("head", int(grad * point.head.params_fraction), backward * point.head.backward_fraction))
-        body_bytes -= layers[0].grad_bytes
-        body_bwd -= layers[0].backward_s
+    heads = [point.head] if isinstance(point.head, Head) else list(point.head or [])
+    for k, head in enumerate(heads):
+        layers.append(LayerCost(f"head{k}", int(grad * head.params_fraction), backward * head.backward_fraction))
+        body_bytes -= layers[-1].grad_bytes
+        body_bwd -= layers[-1].backward_s
         n -= 1
     layers += [LayerCost(f"layer{i}", int(body_bytes / n), body_bwd / n) for i in range(n)]
     return Workload(tuple(layers), forward, update, source=f"published: {point.reference}")
 
 
 def validate_point(point: PublishedPoint, where: Path) -> dict:
-    from stemnet.distributed.scaling import simulate_step
+    from stemnet.distributed.scaling import ControlPlane, simulate_step
     from stemnet.hpc.machines import load_network
 
     machine = point.machine
@@ -117,14 +130,15 @@ def validate_point(point: PublishedPoint, where: Path) -> dict:
     network = load_network(machine)
     work = workload_of(point, network)
     dist = DistributedConfig(**{"grouping": point.strategy, **point.distributed})
-    one = simulate_step(work, point.strategy, 1, network, dist=dist)
-    many = simulate_step(work, point.strategy, point.gpus, network, dist=dist)
+    control = ControlPlane(point.control_plane, point.control_message_us)
+    one, many = (simulate_step(work, point.strategy, n, network, dist=dist, control=control,
+                               cycle_groups=point.cycle_groups) for n in (1, point.gpus))
     model = one.step_s / many.step_s
     return {"name": point.name, "reference": point.reference, "gpus": point.gpus, "machine": Path(machine).stem,
             "published": point.published_efficiency, "model": model,
             "points_off": 100 * (model - point.published_efficiency),
             "step_1_s": one.step_s, "step_n_s": many.step_s, "exposed_comm_s": many.exposed_s,
-            "comm_busy_s": many.comm_busy_s, "grad_mib": work.grad_bytes / 2**20,
+            "comm_busy_s": many.comm_busy_s, "allreduces": many.allreduces, "grad_mib": work.grad_bytes / 2**20,
             "assumptions": point.assumptions, "sources": point.sources}
 
 
@@ -143,7 +157,8 @@ def format_validation(result: dict) -> str:
     for r in result["points"]:
         lines.append(f"{r['name']:<34} {r['gpus']:>6} {r['published']:>6.3f} {r['model']:>6.3f} "
                      f"{r['points_off']:>+6.1f}  {r['step_1_s'] * 1e3:.0f} / {r['step_n_s'] * 1e3:.0f} ms, "
-                     f"{r['exposed_comm_s'] * 1e3:.1f} ms ({r['grad_mib']:.0f} MiB of gradients)")
+                     f"{r['exposed_comm_s'] * 1e3:.1f} ms ({r['grad_mib']:.0f} MiB of gradients in "
+                     f"{r['allreduces']} allreduces)")
     lines.append(f"{result['within_3_points']} of {result['total']} within 3 points of the paper")
     for r in result["points"]:
         for key, text in r["assumptions"].items():
