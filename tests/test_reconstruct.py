@@ -307,7 +307,11 @@ def _pointwise_model():
 
 def test_tiling_equals_single_pass():
     w = R.window(16)
-    assert np.allclose(w[:8] + w[8:], 1.0) and w.min() > 0
+    assert R.tile_stride(16) == 4 and R.OVERLAP == 4 and w.min() > 0
+    quarter = w.reshape(4, 4)  # the four windows over a pixel, a quarter tile apart
+    # the same weighted mean everywhere: weights summing to 2, squares to 3/2 (no seam)
+    assert np.allclose(quarter.sum(axis=0), 2.0) and np.allclose((quarter ** 2).sum(axis=0), 1.5)
+    assert R.tile_starts(40, 16) == list(range(0, 25, 4)) and R.tile_starts(43, 16)[-2:] == [24, 27]  # last flush
     predict = R.keras_predictor(_pointwise_model())
     rng = np.random.default_rng(0)
     for shape in ((37, 45), (16, 16), (12, 30), (16, 70)):
@@ -720,10 +724,11 @@ def test_no_seams(haadf_run, crystal):
     k = np.arange(32)
     border_sum, border_n = np.zeros_like(truth), np.zeros_like(truth)
     inside_sum, inside_n = np.zeros_like(truth), np.zeros_like(truth)
-    for shift in range(8):  # tile edges every 8 px: eight phases of the tile grid
+    stride = R.tile_stride(tile[0])  # a tile starts every 4 px
+    for shift in range(stride):  # every phase of the tile grid
         moved, _ = ensemble(np.roll(x, (shift, shift), axis=(0, 1))) if shift else (mean, None)
         err = np.abs(np.roll(moved, (-shift, -shift), axis=(0, 1)) - truth)  # (H, W, 9)
-        near = np.minimum((k + shift) % 8, 8 - (k + shift) % 8) <= 1  # within a pixel of a tile edge
+        near = np.isin((k + shift) % stride, (0, stride - 1))  # a tile's first or last pixel
         at_border = np.broadcast_to((near[:, None] | near[None, :])[..., None], err.shape)
         border_sum += err * at_border
         border_n += at_border
@@ -756,8 +761,15 @@ def test_uncertainty_calibrated_on_validation(haadf_run, crystal, tmp_path):
               f"(validation {result['coverage_raw']:.1%} -> {result['coverage_scaled']:.1%})")
         assert 0.45 <= scaled <= 0.9
         after, _ = R.reconstruct_files(run, [tmp_path / "img.npy"], tmp_path / "b", pixel_size=pixel, plot=False)[0]
-        assert after.summary["variance_scale"] == pytest.approx(scale)
-        assert np.allclose(after.columns["std_dx_ang"], scale * before.columns["std_dx_ang"], rtol=1e-5)
+        per = result["variance_scale_per_sublattice"]  # what reconstruction applies, A, B and O each
+        assert after.summary["variance_scale"] == pytest.approx(per) and len(set(per.values())) == 3
+        factor = np.array([per[n] for n in R.SUBLATTICES])[after.columns["sublattice"]]
+        assert np.allclose(after.columns["std_dx_ang"], factor * before.columns["std_dx_ang"], rtol=1e-5)
+        sub = held_out["displacement_sub"]
+        for k, name in enumerate(R.SUBLATTICES):
+            assert result["coverage_scaled_per_sublattice"][name] == pytest.approx(0.683, abs=0.03), name
+            on = sub == k
+            print(f"{name}: scale {per[name]:.2f}, test split coverage {R.coverage(t[on], m[on], per[name] * s[on]):.1%}")
         assert after.summary["spread_vs_validation"] > 0
     finally:
         (run / "uncertainty.json").unlink(missing_ok=True)  # the other tests use the uncalibrated run
@@ -782,6 +794,13 @@ def test_uncertainty_calibrated_on_realistic_micrographs(haadf_run):
         t, m, s = v["displacement_t"], v["displacement_m"], v["displacement_s"]
         assert t.size == result["values"] and scale == pytest.approx(variance_scale(t, m, s))
         assert R.coverage(t, m, scale * s) == pytest.approx(0.683, abs=0.02)
+        sub = v["displacement_sub"]
+        assert set(np.unique(sub)) == {0, 1, 2} and sub.size == t.size
+        per = result["variance_scale_per_sublattice"]
+        for k, name in enumerate(R.SUBLATTICES):  # each sublattice's own 68.3 % quantile
+            on = sub == k
+            assert per[name] == pytest.approx(variance_scale(t[on], m[on], s[on])), name
+            assert R.coverage(t[on], m[on], per[name] * s[on]) == pytest.approx(0.683, abs=0.03), name
         split = ensemble_on_samples(run, data, "val")
         assert result["val_spread_ang"] == pytest.approx(float(np.median(split["displacement_s"])))
         assert scale != pytest.approx(variance_scale(split["displacement_t"], split["displacement_m"],

@@ -61,3 +61,8 @@ def calibrate_command(run_dir, data_dir, split, samples, micrographs, seed) -> N
     click.echo(f"{run_dir}: variance scale {r.get('variance_scale', float('nan')):.3g} on {r.get('values', 0)} "
                f"{where} values (1-sigma coverage {r.get('coverage_raw', float('nan')):.1%} raw, "
                f"{r.get('coverage_scaled', float('nan')):.1%} scaled) -> {run_dir}/uncertainty.json")
+    per = r.get("variance_scale_per_sublattice")
+    if per:
+        cov = r.get("coverage_scaled_per_sublattice") or {}
+        click.echo("  per sublattice (reconstruction applies these): " + ", ".join(
+            f"{name} {scale:.3g} ({cov.get(name) or float('nan'):.1%})" for name, scale in per.items()))

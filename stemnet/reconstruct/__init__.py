@@ -39,14 +39,14 @@ from stemnet.reconstruct.pipeline import (MIN_CELLS, Prepared, format_summary, l
 from stemnet.reconstruct.preprocess import (COARSER_LIMIT, check_sampling, clip_outliers, match_intensity,
                                             resample, resampled_shape)
 from stemnet.reconstruct.readers import Image, parse_channel_map, pick_channels, read_images, sha256, unit_to_ang
-from stemnet.reconstruct.tiling import predict_tiled, tile_starts, window
+from stemnet.reconstruct.tiling import OVERLAP, predict_tiled, tile_starts, tile_stride, window
 
 __all__ = [
-    "COARSER_LIMIT", "D4", "DISPLACEMENT_CHANNELS", "Image", "Lattice", "MIN_CELLS", "Micrograph", "Prepared",
+    "COARSER_LIMIT", "D4", "OVERLAP", "DISPLACEMENT_CHANNELS", "Image", "Lattice", "MIN_CELLS", "Micrograph", "Prepared",
     "Reconstruction", "SUBLATTICES", "a_brighter", "calibrate_uncertainty", "check_lattice", "check_sampling",
     "clip_outliers", "column_statistics", "coverage", "d4_inverse", "fft_basis", "find_lattice_columns",
     "find_peaks", "fit_gaussians", "fit_lattice", "format_summary", "keras_predictor", "load_micrograph",
     "load_uncertainty", "match_intensity", "parse_channel_map", "pick_channels", "predict_tiled", "prepare",
     "read_images", "reconstruct", "reconstruct_files", "resample", "resampled_shape", "run_info", "sha256",
-    "tile_starts", "tilt_vectors", "tta_members", "unit_to_ang", "window", "write_columns_csv", "write_hspy",
+    "tile_starts", "tile_stride", "tilt_vectors", "tta_members", "unit_to_ang", "window", "write_columns_csv", "write_hspy",
 ]

@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 
 from stemnet.errors import UserError
+from stemnet.reconstruct.columns import SUBLATTICES
 from stemnet.reconstruct.heldout import (GLAZER_SYSTEMS, IMPERFECTIONS, PHONON_CONFIGS, match_columns,
                                          match_reconstruction, matched_displacements, realistic_micrograph,
                                          truth_tilt_z_from_O, truth_tilts)
@@ -41,7 +42,8 @@ def seam_errors(predict, micrograph, info: dict, norm, truth, box_ang, a_ang: fl
     The micrograph is cropped at its top left by ``k/phases`` of the tile stride (k = 0 …
     phases−1, in run pixels), which moves the tile grid over the crystal; in each phase a
     matched column is *near* when it lies within one run pixel of a tile border (every
-    ``tile // 2`` run pixels, the blended tiles' stride). Only columns seen both near and
+    :func:`~stemnet.reconstruct.tiling.tile_stride` run pixels, between a tile's last pixel
+    and the next tile's first). Only columns seen both near and
     inside count, so the two sets hold the same columns and their ratio measures the tiling
     alone, not which columns happen to lie on the tile grid (the grid's period is about
     one lattice cell). ``first_columns``: the uncropped reconstruction's column table, when
@@ -51,14 +53,15 @@ def seam_errors(predict, micrograph, info: dict, norm, truth, box_ang, a_ang: fl
 
     from stemnet.reconstruct.micrograph import Micrograph
     from stemnet.reconstruct.pipeline import reconstruct
+    from stemnet.reconstruct.tiling import tile_stride
 
-    half = int(info["input_shape"][0]) // 2
+    stride = tile_stride(int(info["input_shape"][0]))
     p = float(micrograph.pixel_size_ang[1])
     box = np.asarray(box_ang, np.float64)
     seen = {}  # column key -> ([errors near], [errors inside])
     ref = None
     for k in range(phases):
-        crop = int(round(k * half / phases * run_pixel_ang / p))  # micrograph pixels
+        crop = int(round(k * stride / phases * run_pixel_ang / p))  # micrograph pixels
         cropped = Micrograph(micrograph.data[:, crop:, crop:], micrograph.pixel_size_ang, micrograph.channels,
                              micrograph.sources, f"{micrograph.name}-phase{k}", micrograph.calibration)
         c = first_columns if k == 0 and first_columns is not None else \
@@ -68,8 +71,8 @@ def seam_errors(predict, micrograph, info: dict, norm, truth, box_ang, a_ang: fl
         matched = match_columns(c["sublattice"], absolute, truth, box, a_ang)
         m = np.flatnonzero(matched >= 0)
         e = np.linalg.norm(np.column_stack([c["dx_ang"][m], c["dy_ang"][m]]) - truth.displacement[matched[m], :2], axis=1)
-        u = local[m] / run_pixel_ang - 0.5
-        near = np.any(np.minimum(np.mod(u, half), half - np.mod(u, half)) <= 1.0, axis=1)
+        u = np.mod(local[m] / run_pixel_ang, stride)  # run pixels past the last border (at pixel edges)
+        near = np.any(np.minimum(u, stride - u) <= 1.0, axis=1)
         if ref is None:
             ref = cKDTree(absolute[m])
         dist, key = ref.query(absolute[m])
@@ -88,7 +91,7 @@ def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_p
     upper part of the trained range."""
     from stemnet.data import Normalization, tilt_target
     from stemnet.reconstruct.ensemble import keras_predictor
-    from stemnet.reconstruct.pipeline import load_uncertainty, reconstruct, run_info
+    from stemnet.reconstruct.pipeline import load_uncertainty, reconstruct, run_info, variance_scales
     from stemnet.shards import read_manifest
     from stemnet.train.run import load_run
 
@@ -177,7 +180,7 @@ def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_p
         "coverage_1sigma_all_columns": mean(np.concatenate([cat["z0"], cat["z1"], cat["z2"]])),
         "coverage_1sigma_per_sublattice": {name: mean(cat[f"z{i}"]) for i, name in enumerate("ABO")},
         "seam_ratio": float(np.mean(cat["border"]) / np.mean(cat["inner"])) if len(cat["border"]) and len(cat["inner"]) else None,
-        "variance_scale": float(uncertainty.get("variance_scale", 1.0)),
+        "variance_scale": dict(zip(SUBLATTICES, variance_scales(uncertainty).tolist())),
         "imperfections": dict(imperfections, thickness_cells=rows[0]["thickness_cells"] if rows else None,
                               dose_e_per_ang2=rows[0]["dose_e_per_ang2"] if rows else None,
                               phonon_configs=phonon_configs),

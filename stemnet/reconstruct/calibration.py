@@ -23,9 +23,11 @@ from typing import Dict
 import numpy as np
 
 from stemnet.errors import UserError
+from stemnet.reconstruct.columns import SUBLATTICES
 from stemnet.reconstruct.ensemble import keras_predictor, tta_members
 
 ONE_SIGMA = 0.6827
+MIN_VALUES = 20  # fewest values a sublattice's own variance scale is fitted on
 IN_PLANE = [3 * s + c for s in range(3) for c in (0, 1)]  # A/B/O dx, dy
 
 
@@ -77,6 +79,7 @@ def ensemble_on_samples(run, data, split: str = "val", max_samples: int = 64) ->
                         on = mask[ch // 3]
                         for key, arr in (("t", t), ("m", m), ("s", s)):
                             found.setdefault(f"displacement_{key}", []).append(arr[..., ch][on])
+                        found.setdefault("displacement_sub", []).append(np.full(int(on.sum()), ch // 3))
                 if "tilt" in members[0] and "tilt" in sample:
                     t = np.moveaxis(np.asarray(sample["tilt"], np.float64), 0, -1)
                     m = np.mean([k["tilt"] for k in members], axis=0)
@@ -115,8 +118,11 @@ def ensemble_on_micrographs(run, data, count: int = 2, seed: int = 2027, progres
                                                              index=k)
         c = reconstruct(predict, micrograph, info, norm, progress=progress).columns
         truth, matched = match_reconstruction(c, spec, material.a)
-        for key, arr in zip("tms", matched_displacements(c, truth, matched)):
-            found.setdefault(f"displacement_{key}", []).append(arr)
+        for sub in range(len(SUBLATTICES)):
+            arrays = matched_displacements(c, truth, matched, sublattice=sub)
+            for key, arr in zip("tms", arrays):
+                found.setdefault(f"displacement_{key}", []).append(arr)
+            found.setdefault("displacement_sub", []).append(np.full(arrays[0].size, sub))
         if "tilt" in info["targets"]:
             b = np.flatnonzero((c["sublattice"] == 1) & (matched >= 0))
             m = np.column_stack([c[f"tilt_{a}_deg"][b] for a in "xyz"])
@@ -132,6 +138,14 @@ def variance_scale(truth: np.ndarray, mean: np.ndarray, std: np.ndarray) -> floa
     """The factor ``s`` with ``|truth − mean| ≤ s·std`` for 68.3 % of the values."""
     ratio = np.abs(truth - mean) / np.maximum(std, 1e-12)
     return float(np.quantile(ratio, ONE_SIGMA))
+
+
+def sublattice_scales(truth, mean, std, sublattice, fallback: float) -> Dict[str, float]:
+    """:func:`variance_scale` per sublattice (``sublattice``: 0 A, 1 B, 2 O per value); a
+    sublattice with fewer than :data:`MIN_VALUES` values takes ``fallback``."""
+    return {name: variance_scale(truth[sublattice == k], mean[sublattice == k], std[sublattice == k])
+            if np.count_nonzero(sublattice == k) >= MIN_VALUES else float(fallback)
+            for k, name in enumerate(SUBLATTICES)}
 
 
 def calibrate_uncertainty(run, data, split: str = "val", max_samples: int = 64, write: bool = True, *,
@@ -155,6 +169,13 @@ def calibrate_uncertainty(run, data, split: str = "val", max_samples: int = 64, 
         scale = variance_scale(t, m, s)
         result.update(variance_scale=scale, coverage_raw=coverage(t, m, s), coverage_scaled=coverage(t, m, scale * s),
                       values=int(t.size))
+        if "displacement_sub" in v:  # the sublattices' spreads relate differently to their errors
+            sub = v["displacement_sub"]
+            per = sublattice_scales(t, m, s, sub, scale)
+            result["variance_scale_per_sublattice"] = per
+            result["coverage_scaled_per_sublattice"] = {
+                name: coverage(t[sub == k], m[sub == k], per[name] * s[sub == k]) if np.any(sub == k) else None
+                for k, name in enumerate(SUBLATTICES)}
     if "tilt_t" in v:
         t, m, s = v["tilt_t"], v["tilt_m"], v["tilt_s"]
         result.update(tilt_variance_scale=variance_scale(t, m, s), tilt_coverage_raw=coverage(t, m, s))

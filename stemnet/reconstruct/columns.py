@@ -147,9 +147,11 @@ def _sample(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray
 
 def column_statistics(found: Dict[str, np.ndarray], lattice: Optional[Lattice], pixel_ang: float,
                       maps: Dict[str, np.ndarray], spread: Dict[str, np.ndarray], map_pixel_ang: float,
-                      variance_scale: float = 1.0, tilt_scale: float = 1.0) -> Tuple[Dict[str, np.ndarray], dict]:
+                      variance_scale=1.0, tilt_scale: float = 1.0) -> Tuple[Dict[str, np.ndarray], dict]:
     """Per-column table (Å, pm, degrees) and summary from the found columns (pixels of an
-    image with ``pixel_ang`` Å pixels) and the network's maps (``map_pixel_ang``)."""
+    image with ``pixel_ang`` Å pixels) and the network's maps (``map_pixel_ang``).
+    ``variance_scale``: one factor on the ensemble spread, or one per sublattice (A, B, O)."""
+    scales = np.broadcast_to(np.asarray(variance_scale, np.float64), (len(SUBLATTICES),))
     sub = found["sublattice"]
     n = len(sub)
     x_ang, y_ang = (found["col"] + 0.5) * pixel_ang, (found["row"] + 0.5) * pixel_ang
@@ -164,7 +166,8 @@ def column_statistics(found: Dict[str, np.ndarray], lattice: Optional[Lattice], 
     mr, mc = iy / map_pixel_ang - 0.5, ix / map_pixel_ang - 0.5  # network maps are read at the ideal site
     if "potential" in maps:
         table["potential"] = _sample(maps["potential"][..., 0], mr, mc)
-    summary: dict = {"columns": int(n), "lattice_fitted": lattice is not None, "variance_scale": variance_scale}
+    summary: dict = {"columns": int(n), "lattice_fitted": lattice is not None,
+                     "variance_scale": dict(zip(SUBLATTICES, scales.tolist()))}
     if lattice is not None:
         summary["a_ang"] = lattice.a_px * pixel_ang
     if "displacement" in maps:
@@ -173,7 +176,7 @@ def column_statistics(found: Dict[str, np.ndarray], lattice: Optional[Lattice], 
             on = sub == s
             for c in range(3):
                 disp[on, c] = _sample(maps["displacement"][..., 3 * s + c], mr[on], mc[on])
-                std[on, c] = variance_scale * _sample(spread["displacement"][..., 3 * s + c], mr[on], mc[on])
+                std[on, c] = scales[s] * _sample(spread["displacement"][..., 3 * s + c], mr[on], mc[on])
         for c, comp in enumerate(("dx", "dy", "dz")):
             table[f"{comp}_ang"] = disp[:, c]
             table[f"std_{comp}_ang"] = std[:, c]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stemnet.reconstruct.columns import SUBLATTICES
 from stemnet.reconstruct.outputs import Reconstruction
 
 
@@ -156,8 +157,9 @@ def plot_reconstruction(path: Path, rec: Reconstruction) -> None:
         ax.set_title("projected potential", fontsize=9)
     ax = flat.pop(0)
     head = "displacement" if "displacement" in rec.spread else next(iter(rec.spread))
-    scale = float(rec.summary.get("variance_scale", 1.0))
-    unc = scale * np.sqrt(np.mean(rec.spread[head] ** 2, axis=-1))
+    scale = rec.summary.get("variance_scale") or {}  # per sublattice, on its three displacement channels
+    factor = np.repeat([scale.get(n, 1.0) for n in SUBLATTICES], 3) if head == "displacement" else 1.0
+    unc = np.sqrt(np.mean((factor * rec.spread[head]) ** 2, axis=-1))
     im = ax.imshow(unc, cmap="magma", extent=extent)
     fig.colorbar(im, ax=ax, fraction=0.046, label="Å" if head == "displacement" else "")
     ax.set_title(f"uncertainty of {head} (rms over channels)", fontsize=9)

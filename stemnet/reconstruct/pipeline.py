@@ -32,6 +32,15 @@ def load_uncertainty(run) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def variance_scales(uncertainty: dict) -> np.ndarray:
+    """The factors on the ensemble spread of the A, B and O columns: the calibration's per
+    sublattice, else its single scale, else 1."""
+    per = uncertainty.get("variance_scale_per_sublattice")
+    if per:
+        return np.array([float(per[name]) for name in SUBLATTICES])
+    return np.full(len(SUBLATTICES), float(uncertainty.get("variance_scale", 1.0)))
+
+
 def run_info(run) -> Tuple[dict, dict]:
     """``data.json`` and ``normalization.json`` of a run, checked for reconstruction."""
     run = Path(run)
@@ -119,14 +128,15 @@ def reconstruct(predict: Predictor, micrograph: Micrograph, info: dict, norm, *,
     seconds = time.perf_counter() - t0
     p = float(info["pixel_size_ang"])
     uncertainty = uncertainty or {}
-    scale = float(uncertainty.get("variance_scale", 1.0))
-    columns, summary = column_statistics(prep.columns, prep.lattice, prep.column_pixel_ang, maps, spread, p, scale,
+    scales = variance_scales(uncertainty)
+    columns, summary = column_statistics(prep.columns, prep.lattice, prep.column_pixel_ang, maps, spread, p, scales,
                                          float(uncertainty.get("tilt_variance_scale", 1.0)))
     summary.update({"fov_ang": [prep.raw.shape[1] * p, prep.raw.shape[2] * p], "shape": list(prep.raw.shape[1:]),
                     "seconds": seconds, "tta_members": len(members), "lattice_check": prep.lattice_check,
                     "forced": bool(prep.lattice_check.get("forced"))})
     if "displacement" in spread and "dx_ang" in columns and len(columns["dx_ang"]):
-        spread_here = float(np.median(np.stack([columns[f"std_{c}_ang"] for c in ("dx", "dy")]))) / scale
+        raw = np.stack([columns[f"std_{c}_ang"] for c in ("dx", "dy")]) / scales[columns["sublattice"]]
+        spread_here = float(np.median(raw))
         summary["ensemble_spread_ang"] = spread_here
         if uncertainty.get("val_spread_ang"):
             summary["spread_vs_validation"] = spread_here / float(uncertainty["val_spread_ang"])
@@ -155,7 +165,7 @@ def _provenance(run: Path, micrograph: Micrograph, info: dict, norm_dict: dict, 
         "intensity_rule": intensity if intensity == "raw" else
         "match: x' = mu_train + sigma_train * (x - mean(x)) / std(x) per channel, then the run's normalisation",
         "tile": list(tile) if tile else "whole image",
-        "tile_overlap": 0.5,
+        "tile_stride": "a quarter tile: every pixel under 4 tiles per axis",
         "window": "sin^2(pi (k + 1/2) / T), separable, normalised by the summed weights",
         "tta": "8 symmetries of the square, mean and std (ddof 0)" if tta else "none",
         "sampling_policy": f"finer: anti-alias downsampled (any factor); coarser than {COARSER_LIMIT} x the run's "
