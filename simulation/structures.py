@@ -292,6 +292,7 @@ def build_specimen(material: Material, n: int, m: int, *, glazer: str = "a0a0a0"
     symbols = np.array([material.A, material.B, material.X])[sublattice]
 
     atoms = Atoms(symbols=list(symbols), positions=ideal + shift, cell=np.diag(lengths), pbc=True)
+    atoms.set_tags(column_tags(ideal, sublattice, lengths))  # frozen phonons are centred per column
     params = dict(material=material.name, A=material.A, B=material.B, X=material.X, a=a,
                   glazer=glazer, tilt_deg=tuple(float(t) for t in tilts),
                   polar_A_ang=tuple(float(v) for v in d_a),
@@ -299,6 +300,16 @@ def build_specimen(material: Material, n: int, m: int, *, glazer: str = "a0a0a0"
                   lattice_ang=tuple(float(v) for v in lattice))
     return Specimen(atoms=atoms, ideal_positions=ideal, sublattice=sublattice, params=params,
                     octahedron_tilt_deg=octahedra)
+
+
+def column_tags(ideal_ang: np.ndarray, sublattice: np.ndarray, lengths_ang, tolerance_ang: float = 0.05) -> np.ndarray:
+    """Per atom, its column along the beam (z) as a tag 1, 2, … (ASE ``tags``): atoms of one
+    sublattice on one ideal (x, y) site [Å] in the periodic cell ``lengths_ang``."""
+    cell = np.asarray(lengths_ang, np.float64)[:2]
+    keys = np.mod(np.round(np.mod(np.asarray(ideal_ang)[:, :2], cell) / tolerance_ang).astype(np.int64),
+                  np.round(cell / tolerance_ang).astype(np.int64))
+    table = np.column_stack([np.asarray(sublattice, np.int64), keys])
+    return np.unique(table, axis=0, return_inverse=True)[1].ravel() + 1
 
 
 def rigid_octahedra_lattice_ang(a: float, tilt_deg: Sequence[float], zone: str = "001") -> np.ndarray:

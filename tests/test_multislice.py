@@ -399,3 +399,72 @@ def test_poisson_noise():
     assert np.allclose(noisy * 400, np.round(noisy * 400), atol=1e-3)  # whole electrons
     with pytest.raises(ValueError, match="dose_e_per_ang2"):
         ms.add_poisson_noise(x, 0.0, 0.04, np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------ column-centred phonons
+
+
+def _tagged_srtio3(n: int, m: int) -> Atoms:
+    """srtio3 with its columns tagged as simulation.structures.build_specimen tags them."""
+    from simulation.structures import column_tags
+
+    atoms = srtio3(n, m)
+    sublattice = np.array([{"Sr": 0, "Ti": 1, "O": 2}[s] for s in atoms.get_chemical_symbols()])
+    atoms.set_tags(column_tags(atoms.positions, sublattice, np.diag(atoms.cell)))
+    return atoms
+
+
+def test_centred_phonons_keep_each_atom_rms_and_each_column_on_its_site():
+    atoms = _tagged_srtio3(2, 6)
+    tags = atoms.get_tags()
+    # Sr, Ti and the apical O of the Ti columns, two equatorial O columns, per cell: 5 x 4 columns
+    assert len(np.unique(tags)) == 20 and np.all(np.bincount(tags)[1:] == 6)
+    fp = abtem.FrozenPhonons(atoms, 2, {"Sr": 0.08, "Ti": 0.06, "O": 0.09}, directions="xyz", seed=5)
+    raw = [m.positions for m in fp.to_atoms_ensemble().trajectory]
+    centred = [c.positions for c in ms.centred_configurations(fp, tags)]
+    for r, c in zip(raw, centred):
+        d_raw, d = r - atoms.positions, c - atoms.positions
+        np.testing.assert_array_equal(d[:, 2], d_raw[:, 2])  # along the beam: abTEM's draw
+        for tag in np.unique(tags):
+            on = tags == tag
+            np.testing.assert_allclose(d[on, :2].mean(axis=0), 0.0, atol=1e-12)
+            expected = (d_raw[on, :2] - d_raw[on, :2].mean(axis=0)) * np.sqrt(6 / 5)
+            np.testing.assert_allclose(d[on, :2], expected, atol=1e-12)
+        # the raw draws put a 6-atom O column off its site by about 0.09/sqrt(6) = 3.7 pm
+        o_cols = [np.linalg.norm(d_raw[tags == t, :2].mean(axis=0)) for t in np.unique(tags[atoms.numbers == 8])]
+        assert np.sqrt(np.mean(np.square(o_cols))) > 0.015
+    untagged = atoms.copy()
+    untagged.set_tags(0)  # e.g. an amorphous layer: left as abTEM draws it
+    kept = ms.centred_configurations(fp, untagged.get_tags())
+    np.testing.assert_array_equal(kept[0].positions, raw[0])
+
+
+def test_centred_phonons_leave_each_column_of_the_projected_potential_on_its_site():
+    """The centroid of each O column of one configuration's projected potential lies on
+    the static site with tags (column-centred), and off it without (abTEM's raw draws)."""
+    atoms = _tagged_srtio3(2, 4)
+    kw = dict(sampling_ang=0.05, slice_thickness_ang=A / 2,
+              phonon_rms_ang={"Sr": 0.08, "Ti": 0.06, "O": 0.12}, num_phonon_configs=1, seed=11)
+    plain = atoms.copy()
+    plain.set_tags(0)
+
+    def o_centroid_offsets(a):
+        (config,) = ms.configurations(ms.build_potential(a, **kw))
+        projected = np.asarray(config.array).sum(axis=0)  # (nx, ny): x first
+        nx, ny = projected.shape
+        px, py = 2 * A / nx, 2 * A / ny
+        xs, ys = np.arange(nx) * px, np.arange(ny) * py  # abTEM samples at i·sampling
+        out = []
+        for site in {(round(x, 3), round(y, 3)) for x, y in np.mod(atoms.positions[atoms.numbers == 8, :2], 2 * A)}:
+            if np.hypot(*(np.mod(np.array(site) / (A / 2), 2) - 1)) < 1e-3:
+                continue  # the apical O on the Ti column
+            dx = (xs - site[0] + A) % (2 * A) - A
+            dy = (ys - site[1] + A) % (2 * A) - A
+            w = projected * (np.hypot(dx[:, None], dy[None, :]) < 0.45)
+            out.append([np.sum(w * dx[:, None]) / w.sum(), np.sum(w * dy[None, :]) / w.sum()])
+        return np.linalg.norm(out, axis=1)
+
+    centred, raw = o_centroid_offsets(atoms), o_centroid_offsets(plain)
+    assert len(centred) == 8
+    assert np.max(centred) < 0.012  # Å: what a 0.45 Å window makes of the neighbours' tails
+    assert np.sqrt(np.mean(raw**2)) > 3 * np.sqrt(np.mean(centred**2))

@@ -61,7 +61,8 @@ from simulation.multislice.cbed import cbed_stack
 from simulation.multislice.images import default_detectors, stem_images
 from simulation.multislice.noise import add_poisson_noise
 from simulation.multislice.label import projected_potential
-from simulation.multislice.potential import build_potential, check_sliced, configurations, num_slices
+from simulation.multislice.potential import (build_potential, centred_configurations, check_sliced, configurations,
+                                              num_slices)
 from simulation.multislice.probe import probe_positions
 from simulation.multislice.reference import fft_floor_cbed, naive_abtem_cbed
 from simulation.multislice.settings import ABTEM_MISSLICES
@@ -70,6 +71,7 @@ __all__ = [
     "ABTEM_MISSLICES",
     "num_slices",
     "build_potential",
+    "centred_configurations",
     "check_sliced",
     "configurations",
     "probe_positions",

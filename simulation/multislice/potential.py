@@ -74,7 +74,10 @@ def build_potential(
         ``round(c / slice_thickness_ang)`` equal slices.
     phonon_rms_ang : float or dict of str to float, optional
         Frozen-phonon r.m.s. displacement [Å] along each of x, y and z, for all atoms
-        or per chemical symbol. None (default) gives a static lattice.
+        or per chemical symbol. None (default) gives a static lattice. Atoms tagged
+        with a column (``atoms.get_tags() > 0``, as
+        :func:`simulation.structures.build_specimen` tags them) get column-centred
+        configurations (:func:`centred_configurations`).
     num_phonon_configs : int
         Number of frozen-phonon configurations (ignored for a static lattice).
     seed : int
@@ -96,7 +99,7 @@ def build_potential(
     n = num_slices(thickness, slice_thickness_ang)
     dz = thickness / n
     atoms = _shift_z(atoms, dz / 4 if z_offset_ang is None else float(z_offset_ang))
-    source: Atoms | abtem.FrozenPhonons = atoms
+    source: Atoms | abtem.FrozenPhonons | abtem.AtomsEnsemble = atoms
     if phonon_rms_ang is not None:
         if num_phonon_configs < 1:
             raise ValueError(f"num_phonon_configs={num_phonon_configs} must be >= 1")
@@ -107,6 +110,8 @@ def build_potential(
             directions="xyz",
             seed=int(seed),
         )
+        if atoms.get_tags().any():
+            source = abtem.AtomsEnsemble(centred_configurations(source, atoms.get_tags()))
     return abtem.Potential(
         source,
         gpts=_fft_gpts(np.diag(atoms.cell), sampling_ang),
@@ -114,6 +119,36 @@ def build_potential(
         parametrization=parametrization,
         projection="infinite",
     )
+
+
+def centred_configurations(phonons: abtem.FrozenPhonons, tags: np.ndarray) -> list[Atoms]:
+    """abTEM's frozen-phonon configurations with each column's in-plane shift removed.
+
+    A real exposure averages every probe position over many vibrations, so no column
+    stands off its site; one frozen configuration of a column of n atoms stands off by
+    σ/√n (σ = 0.09 Å, n = 2-6: 4-6 pm on an O column, as large as an octahedral tilt's
+    O shift), and a network trained on such snapshots learns to shrink the shifts it
+    sees. Here the in-plane displacements of the atoms of one column (same ``tags`` > 0)
+    have their mean subtracted and are scaled by √(n/(n−1)), so every atom keeps its
+    r.m.s. displacement σ (the thermal diffuse scattering) while the column's centroid
+    stays on its static site; displacements along the beam and untagged atoms (tag 0,
+    e.g. an amorphous layer) are abTEM's draws unchanged.
+    """
+    tags = np.asarray(tags)
+    column = np.unique(tags, return_inverse=True)[1].ravel()
+    count = np.bincount(column).astype(np.float64)
+    scale = np.sqrt(count / np.maximum(count - 1, 1))
+    on = (tags > 0) & (count[column] > 1)
+    static = phonons.atoms.positions
+    out = []
+    for member in phonons.to_atoms_ensemble().trajectory:
+        config = member.copy()
+        shift = config.positions[:, :2] - static[:, :2]
+        mean = np.stack([np.bincount(column, shift[:, k], len(count)) for k in range(2)], axis=1) / count[:, None]
+        shift[on] = (shift[on] - mean[column[on]]) * scale[column[on], None]
+        config.positions[:, :2] = static[:, :2] + shift
+        out.append(config)
+    return out
 
 
 def check_sliced(potential: abtem.Potential) -> None:
