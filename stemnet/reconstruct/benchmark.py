@@ -104,12 +104,12 @@ def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_p
     model, *_ = load_run(run)
     predict = keras_predictor(model)
     uncertainty = load_uncertainty(run)
-    rng = np.random.default_rng(seed)
     has_tilt = "tilt" in info["targets"]
     rows = []
     errs = {k: [] for k in ("net", "fit", "dz", "dz0", "tz", "tz0", "tz_O", "tz_O_truth", "txy", "txy0", "z0", "z1", "z2", "o_net", "o_true",
                             "border", "inner")}
     for k in range(samples):
+        rng = np.random.default_rng([seed, k])  # micrograph k is a function of (seed, k) alone
         spec, micrograph, material, meta = realistic_micrograph(
             info, sim, rng, held_out=True, glazer=glazer_systems[k % len(glazer_systems)], pixel_ang=pixel_ang,
             min_px=min_px, imperfections=imperfections, name=f"sim2real-{k}", phonon_configs=phonon_configs)

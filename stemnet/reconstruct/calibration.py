@@ -111,9 +111,9 @@ def ensemble_on_micrographs(run, data, count: int = 2, seed: int = 2027, progres
         raise UserError(f"{data}/manifest.json: no simulation config to simulate calibration micrographs from")
     model, *_ = load_run(run)
     predict = keras_predictor(model)
-    rng = np.random.default_rng(seed)
     found: Dict[str, list] = {}
     for k in range(count):
+        rng = np.random.default_rng([seed, k])  # micrograph k is a function of (seed, k) alone
         spec, micrograph, material, _ = realistic_micrograph(info, sim, rng, held_out=False, name=f"calibration-{k}",
                                                              index=k)
         c = reconstruct(predict, micrograph, info, norm, progress=progress).columns
