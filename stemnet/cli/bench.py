@@ -94,8 +94,8 @@ def bench_grouping_cmd(config_file, input_shape, backends, json_path) -> None:
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The run's training dataset (its microscope, detectors and draws).")
-@click.option("--samples", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Held-out micrographs (tilt systems a−a−c0, a−a−a−, a0a0c+ in turn).")
+@click.option("--samples", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Held-out micrographs (tilt systems a−a−c0, a−a−a−, a0a0c+ in turn; about 40 s each).")
 @JSON_OPTION
 def bench_sim2real_cmd(run_dir, data_dir, samples, json_path) -> None:
     """Reconstruction of realistic held-out micrographs (0.1 Å, >= 256 px, unseen imperfections) vs truth."""

@@ -83,7 +83,7 @@ def seam_errors(predict, micrograph, info: dict, norm, truth, box_ang, a_ang: fl
     return np.array([x for v in both for x in v[0]]), np.array([x for v in both for x in v[1]])
 
 
-def bench_sim2real(run, data, *, samples: int = 3, pixel_ang: float = 0.1, min_px: int = 256, seed: int = 11,
+def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_px: int = 256, seed: int = 11,
                    imperfections: Optional[dict] = None, glazer_systems=GLAZER_SYSTEMS,
                    progress: bool = True, phonon_configs: int = PHONON_CONFIGS) -> dict:
     """Score RUN (trained on dataset DATA) on ``samples`` held-out realistic micrographs;
