@@ -150,6 +150,9 @@ def test_normalization_round_trip(tmp_path):
     expected = np.sqrt((stats["displacement"]["std"] ** 2 + stats["displacement"]["mean"] ** 2) / stats["columns"]["mean"])
     assert norm.displacement_scale == pytest.approx(expected) and norm.displacement_scale != 1.0
     np.testing.assert_allclose(back["displacement"], d * expected, rtol=1e-6)
+    # tilt: the head predicts magnitudes per axis, so a negative output is a magnitude of 0
+    t = np.array([[-0.5, 0.0, 0.25]], np.float32)
+    np.testing.assert_allclose(again.denormalize({"tilt": t})["tilt"], [[0.0, 0.0, 0.25 * again.tilt_scale]], rtol=1e-6)
     stem = Normalization.from_manifest(read_manifest(build(tmp_path / "s", mode="stem", counts=(3,))))
     assert stem.kind == "stem" and stem.method == "standardize" and len(stem.channel_mean) == 3
     y = np.random.default_rng(2).random((2, 8, 8, 3)).astype(np.float32)

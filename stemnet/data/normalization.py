@@ -170,7 +170,8 @@ class Normalization:
 
     # -- inverse
     def denormalize(self, predictions) -> dict:
-        """Predictions in physical units: potential in V·Å, displacement in Å, tilt in degrees.
+        """Predictions in physical units: potential in V·Å, displacement in Å, tilt in degrees
+        (the tilt head's magnitudes, clipped at 0).
 
         ``predictions``: a dict with ``potential``, ``displacement``, ``tilt`` (numpy or
         tensors), or a bare potential array.
@@ -184,8 +185,8 @@ class Normalization:
                 value = value * np.float32(self.potential_std) + np.float32(self.potential_mean)
             elif key == "displacement":
                 value = value * np.float32(self.displacement_scale)
-            elif key == "tilt":
-                value = value * np.float32(self.tilt_scale)
+            elif key == "tilt":  # magnitudes per axis (tilt_target): a negative output means 0
+                value = np.maximum(value * np.float32(self.tilt_scale), np.float32(0))
             out[key] = value
         return out
 
