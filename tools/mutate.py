@@ -89,6 +89,13 @@ MUTANTS: List[Mutant] = [
       ("tests/test_reconstruct.py -k superlattice",)),
     M("overhead-on-compute", "            work += transfer  #", "            work += overhead + transfer  #",
       ("tests/test_scaling_checks.py -k computing_core",)),
+    # --- column-centred frozen phonons; the tilt head's magnitudes clipped at 0
+    M("phonons-not-centred", "        if atoms.get_tags().any():\n", "        if False:\n",
+      ("tests/test_multislice.py -k projected_potential_on_its_site",)),
+    M("centred-rms-not-kept", "    scale = np.sqrt(count / np.maximum(count - 1, 1))\n", "    scale = np.ones_like(count)\n",
+      ("tests/test_multislice.py -k keep_each_atom_rms",)),
+    M("negative-tilt-magnitudes", "value = np.maximum(value * np.float32(self.tilt_scale), np.float32(0))",
+      "value = value * np.float32(self.tilt_scale)", ("tests/test_data.py -k normalization_round_trip",)),
 ]
 
 
