@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from simulation.structures import Specimen
+from simulation.structures import Specimen, column_tags
 from stemnet.data.layout import DISPLACEMENT_CHANNELS, SUBLATTICES  # noqa: F401 (re-exported)
 
 
@@ -28,17 +28,13 @@ def find_columns(specimen: Specimen, tolerance_ang: float = 0.05) -> Columns:
     cell = np.diag(specimen.atoms.cell.array)[:2]
     ideal_xy = np.mod(specimen.ideal_positions[:, :2], cell)
     shift = specimen.atoms.positions - specimen.ideal_positions
-    # round ideal positions to the tolerance grid; fold x ≈ cell back onto 0
-    keys = np.round(ideal_xy / tolerance_ang).astype(np.int64)
-    keys = np.mod(keys, np.round(cell / tolerance_ang).astype(np.int64))
-    table = np.column_stack([specimen.sublattice.astype(np.int64), keys])
-    unique, first, inverse = np.unique(table, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.ravel()
-    counts = np.bincount(inverse, minlength=len(unique)).astype(np.float64)
-    mean = np.stack([np.bincount(inverse, shift[:, c], len(unique)) for c in range(3)], axis=1)
+    inverse = column_tags(specimen.ideal_positions, specimen.sublattice, cell, tolerance_ang) - 1
+    _, first = np.unique(inverse, return_index=True)
+    counts = np.bincount(inverse).astype(np.float64)
+    mean = np.stack([np.bincount(inverse, shift[:, c], len(first)) for c in range(3)], axis=1)
     mean /= counts[:, None]
     # the exact ideal site of each column (its first atom's), not the rounded key
-    return Columns(ideal_xy[first], unique[:, 0].astype(np.int8), mean)
+    return Columns(ideal_xy[first], specimen.sublattice[first].astype(np.int8), mean)
 
 
 def column_maps(
