@@ -22,6 +22,7 @@ LATTICE_TOLERANCE = 0.05  # relative: measured a vs the run's materials
 SQUARE_TOLERANCE_DEG = 3.0  # angle between the cell vectors, [001] zone
 FFT_PAD = 4  # zero padding of the spectrum (finer peak positions)
 EXPLAINED_POWER = 0.95  # a supercell is undone only when its extra reflections hold under 5 % of the power
+STRONG_PEAK = 0.0625  # power (a quarter in amplitude) of the strongest: a reflection the basis must index
 
 
 @dataclass
@@ -62,12 +63,31 @@ def fundamental_basis(ks: np.ndarray, power: np.ndarray, *, explained: float = E
     √2a × √2a cell). Each such supercell is undone -- g → 2g, or (g1 + g2, g1 − g2) --
     when the coarser reciprocal lattice still holds at least ``explained`` of the peaks'
     power (a peak within 0.12 of an integer combination) and its basis vectors are peaks
-    at least as strong as the ones they replace. None when no pair is non-collinear."""
+    at least as strong as the ones they replace. A weak shortest spot off every half
+    order (a tilt superlattice seen through a sheared scan) spans no lattice of the strong
+    reflections: the search then starts from the next shortest peak
+    (:data:`STRONG_PEAK`). None when no pair is non-collinear."""
     ks, power = np.asarray(ks, np.float64), np.asarray(power, np.float64)
     order = np.argsort(np.hypot(ks[:, 0], ks[:, 1]))
     ks, power = ks[order], power[order]
-    g1 = ks[0]
-    second = [j for j in range(1, len(ks)) if abs(g1[0] * ks[j, 1] - g1[1] * ks[j, 0])
+    strong = ks[power >= STRONG_PEAK * power.max()]
+    first = None
+    for start in range(len(ks)):
+        basis = _basis_from(ks, power, start, explained)
+        if basis is None:
+            continue
+        first = basis if first is None else first
+        hk = strong @ np.linalg.inv(basis)
+        if np.all(np.abs(hk - np.round(hk)) < 0.2):  # every strong reflection indexed
+            return basis
+    return first
+
+
+def _basis_from(ks: np.ndarray, power: np.ndarray, start: int, explained: float) -> Optional[np.ndarray]:
+    """:func:`fundamental_basis` from peak ``start`` (``ks`` sorted by length) and the next
+    shortest peak not collinear with it, supercells undone."""
+    g1 = ks[start]
+    second = [j for j in range(start + 1, len(ks)) if abs(g1[0] * ks[j, 1] - g1[1] * ks[j, 0])
               > 0.5 * np.linalg.norm(g1) * np.linalg.norm(ks[j])]
     if not second:
         return None
