@@ -97,7 +97,7 @@ class ImperfectionsConfig(Section):
     are typical of a 200-300 kV aberration-corrected STEM. Every drawn value is stored in
     the sample's ``params`` under the same name."""
 
-    source_fwhm_ang: Range = (0.3, 0.6)              # effective Gaussian source size (FWHM)
+    source_fwhm_ang: Range = (0.3, 0.8)              # effective Gaussian source size (FWHM): 0.6 taught shrinkage at 0.9
     defocus_ang: Range = (-30.0, 30.0)               # residual defocus, added to microscope.defocus_ang
     astigmatism_ang: Range = (0.0, 20.0)             # two-fold astigmatism C12 (angle drawn in 0-180°)
     coma_ang: Range = (0.0, 200.0)                   # axial coma C21 (angle drawn in 0-360°)

@@ -83,7 +83,7 @@ def make_micrograph(out: Path, *, cells: int = 4, thickness_cells: int = 4, pixe
 REALISTIC_SPECIMEN = dict(glazer="a-a-c+", tilt_deg=(4.0, 4.0, 8.0), polar_A_ang=(0.0, 0.0, 0.0),
                           polar_B_ang=(0.10, -0.06, 0.03))
 REALISTIC_IMPERFECTIONS = dict(
-    source_fwhm_ang=0.65, residual_defocus_ang=35.0, astigmatism_ang=25.0, astigmatism_angle_deg=35.0,
+    source_fwhm_ang=0.85, residual_defocus_ang=35.0, astigmatism_ang=25.0, astigmatism_angle_deg=35.0,
     coma_ang=250.0, coma_angle_deg=120.0, residual_cs_ang=12000.0, focal_spread_ang=55.0,
     mistilt_mrad=3.5, mistilt_angle_deg=30.0, amorphous_ang=0.0, jitter_ang=0.18,
     drift_x_ang_per_line=0.0025, drift_y_ang_per_line=-0.002, flyback_ang=0.35,
