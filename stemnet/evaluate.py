@@ -230,7 +230,7 @@ def _collect(dataset, model, norm) -> tuple:
     return cat(truth), cat(pred), np.concatenate(inputs), np.concatenate(params)
 
 
-def _training_means(data_dir, info, norm, batch_size) -> Dict[str, np.ndarray]:
+def training_means(data_dir, info, norm, batch_size: int = 16) -> Dict[str, np.ndarray]:
     """Per-pixel mean maps of the training split (physical units)."""
     from stemnet.data import make_dataset
 
@@ -274,7 +274,7 @@ def evaluate(run_dir, data_dir, split: str = "test", *, batch_size: int = 16,
     if "tilt" in truth:
         zero["tilt"] = np.zeros_like(truth["tilt"])
     results["zero"] = score(truth, zero, a_ang)
-    means = _training_means(data_dir, info, norm, batch_size)
+    means = training_means(data_dir, info, norm, batch_size)
     results["mean"] = score(truth, {k: np.broadcast_to(v, truth[k].shape) for k, v in means.items()}, a_ang)
     if info["input_field"] == "stem" and "displacement" in truth:
         sim = simulation_section(manifest)

@@ -148,6 +148,17 @@ def test_sim2real_scores_the_tilt_head_out_of_plane(tilt_run):
     np.testing.assert_allclose(row["truth_mean_abs_tilt_deg"], requested, atol=0.2)
     assert result["tilt_mae_deg_out_of_plane_zero"] == pytest.approx(requested[0], abs=0.2)
     assert result["tilt_mae_deg_inplane_zero"] == pytest.approx(0.0, abs=0.2)
+    # the constant baseline: the training split's mean |tilt| per axis, read here from the shards
+    from stemnet.shards import ShardReader
+
+    labels = []
+    for shard in sorted((data / "train").glob("shard-*.lmdb")):
+        with ShardReader(shard) as reader:
+            labels += [np.asarray(reader.read(key)["tilt"], np.float64) for key in reader.keys()]
+    mean = np.abs(np.stack(labels)).mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(result["tilt_mean_target_deg"], mean, rtol=1e-4)
+    assert result["tilt_mae_deg_out_of_plane_mean"] == pytest.approx(np.abs(mean[:2] - requested[0]).mean(), abs=0.2)
+    assert result["tilt_mae_deg_inplane_mean"] == pytest.approx(mean[2], abs=0.2)
     for key in ("dxdy_rmse_pm_network", "dxdy_rmse_pm_gaussian_fit", "tilt_mae_deg_inplane",
                 "tilt_mae_deg_out_of_plane", "coverage_1sigma", "seam_ratio"):
         assert result[key] is not None and np.isfinite(result[key]), key

@@ -14,7 +14,8 @@ and of the Gaussian-fit baseline (A and B columns, relative to the A lattice), t
 columns' dx/dy RMSE and correlation with the truth (``dxdy_*_O_*``), dz RMSE
 against zero, the tilt MAE per B column of the network's tilt head about z
 (``tilt_mae_deg_inplane``) and about x and y (``tilt_mae_deg_out_of_plane``) against the
-truth (:func:`truth_tilts`) and the zero baseline, the estimate about z from the O
+truth (:func:`truth_tilts`), the zero baseline and the constant training-mean baseline
+(``…_mean``: a head that ignores its input), the estimate about z from the O
 displacements (``tilt_mae_deg_inplane_from_O``), 1σ coverage of the B and O columns' dx,
 dy (the A columns, the frame, separately: ``coverage_1sigma_per_sublattice``), and the
 seam ratio (mean error of the same columns within a pixel of a tile border / inside a tile, over eight
@@ -83,6 +84,17 @@ def seam_errors(predict, micrograph, info: dict, norm, truth, box_ang, a_ang: fl
     return np.array([x for v in both for x in v[0]]), np.array([x for v in both for x in v[1]])
 
 
+def _mean_tilt_target(data, info: dict, norm) -> np.ndarray:
+    """The training split's mean tilt-head target (|angle| per axis, deg): the constant
+    baseline (``tilt_mae_deg_*_mean``) a head that ignores its input would come closest to."""
+    from stemnet.evaluate import training_means
+    from stemnet.shards import close_shards
+
+    means = training_means(data, info, norm)["tilt"]
+    close_shards(data)  # the pipeline's LMDB handles: nothing else in this process may open them otherwise
+    return np.asarray(means, np.float64).reshape(-1, 3).mean(axis=0)
+
+
 def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_px: int = 256, seed: int = 11,
                    imperfections: Optional[dict] = None, glazer_systems=GLAZER_SYSTEMS,
                    progress: bool = True, phonon_configs: int = PHONON_CONFIGS) -> dict:
@@ -105,9 +117,11 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
     predict = keras_predictor(model)
     uncertainty = load_uncertainty(run)
     has_tilt = "tilt" in info["targets"]
+    # the constant a head that ignores its input would best give: the training split's mean target
+    mean_tilt = _mean_tilt_target(data, info, norm) if has_tilt else None
     rows = []
     errs = {k: [] for k in ("net", "fit", "dz", "dz0", "tz", "tz0", "tz_O", "tz_O_truth", "txy", "txy0", "z0", "z1", "z2", "o_net", "o_true",
-                            "border", "inner")}
+                            "border", "inner", "txy_mean", "tz_mean")}
     for k in range(samples):
         rng = np.random.default_rng([seed, k])  # micrograph k is a function of (seed, k) alone
         spec, micrograph, material, meta = realistic_micrograph(
@@ -143,6 +157,8 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
             want = tilt_target(true_t[ok])  # the head predicts magnitudes
             errs["txy"].append(np.abs(net_t[ok, :2] - want[:, :2]).ravel())
             errs["tz"].append(np.abs(net_t[ok, 2] - want[:, 2]))
+            errs["txy_mean"].append(np.abs(mean_tilt[:2] - want[:, :2]).ravel())
+            errs["tz_mean"].append(np.abs(mean_tilt[2] - want[:, 2]))
         errs["txy0"].append(np.abs(true_t[:, :2]).ravel())
         errs["tz0"].append(np.abs(true_t[:, 2]))
         from_o = truth_tilt_z_from_O(t_xy, t_sub, t_d, material.a, np.diag(spec.atoms.cell.array)[:2])
@@ -172,9 +188,12 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
         "dz_rmse_pm_network": pm(rms(cat["dz"])), "dz_rmse_pm_zero": pm(rms(cat["dz0"])),
         "tilt_mae_deg_inplane": mae(cat["tz"]) if has_tilt else mae(cat["tz_O"]),
         "tilt_mae_deg_inplane_zero": mae(cat["tz0"]) if has_tilt else mae(cat["tz_O_truth"]),
+        "tilt_mae_deg_inplane_mean": mae(cat["tz_mean"]) if has_tilt else None,
         "tilt_mae_deg_inplane_from_O": mae(cat["tz_O"]), "tilt_mae_deg_inplane_from_O_zero": mae(cat["tz_O_truth"]),
         "tilt_mae_deg_out_of_plane": mae(cat["txy"]) if has_tilt else None,
         "tilt_mae_deg_out_of_plane_zero": mae(cat["txy0"]),
+        "tilt_mae_deg_out_of_plane_mean": mae(cat["txy_mean"]) if has_tilt else None,
+        "tilt_mean_target_deg": mean_tilt.tolist() if has_tilt else None,
         # B and O: the A columns are the frame (their truth is 0 without A-site polarisation)
         "coverage_1sigma": mean(np.concatenate([cat["z1"], cat["z2"]])),
         "coverage_1sigma_all_columns": mean(np.concatenate([cat["z0"], cat["z1"], cat["z2"]])),
@@ -187,7 +206,8 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
         "micrographs": rows,
         "notes": ("tilt: per B column, the network's tilt head (about z: inplane; about x and y: out_of_plane) "
                   "against the truth of the specimen by the labels' rule (simulation.labels.tilt_map), the zero "
-                  "baseline the mean |truth|; inplane_from_O: the estimate from the O displacements against the "
+                  "baseline the mean |truth|, the mean baseline the training split's mean |tilt| per axis (a "
+                  "constant: what a head that ignores its input comes closest to); inplane_from_O: the estimate from the O displacements against the "
                   "same rule on the true O columns" if has_tilt else
                   "the run predicts no tilt head: tilt_mae_deg_inplane is the estimate from the O displacements, "
                   "tilt_mae_deg_out_of_plane None against the zero baseline of the specimens' out-of-plane tilts"),
