@@ -159,6 +159,10 @@ def test_sim2real_scores_the_tilt_head_out_of_plane(tilt_run):
     np.testing.assert_allclose(result["tilt_mean_target_deg"], mean, rtol=1e-4)
     assert result["tilt_mae_deg_out_of_plane_mean"] == pytest.approx(np.abs(mean[:2] - requested[0]).mean(), abs=0.2)
     assert result["tilt_mae_deg_inplane_mean"] == pytest.approx(mean[2], abs=0.2)
+    # the B columns alone: the network's A columns sit on the frame (error ~0), so the pooled
+    # A + B figure lies below the B-only one
+    assert result["dxdy_rmse_pm_B_network"] > result["dxdy_rmse_pm_network"] > 0
+    assert np.isfinite(result["dxdy_rmse_pm_B_gaussian_fit"])
     for key in ("dxdy_rmse_pm_network", "dxdy_rmse_pm_gaussian_fit", "tilt_mae_deg_inplane",
                 "tilt_mae_deg_out_of_plane", "coverage_1sigma", "seam_ratio"):
         assert result[key] is not None and np.isfinite(result[key]), key

@@ -96,6 +96,13 @@ MUTANTS: List[Mutant] = [
       ("tests/test_multislice.py -k keep_each_atom_rms",)),
     M("negative-tilt-magnitudes", "value = np.maximum(value * np.float32(self.tilt_scale), np.float32(0))",
       "value = value * np.float32(self.tilt_scale)", ("tests/test_data.py -k normalization_round_trip",)),
+    M("fft-basis-from-shortest-spot", "            return basis\n    return first\n", "            return first\n    return first\n",
+      ("tests/test_reconstruct.py -k fundamental_basis",)),
+    M("tilt-mean-baseline-channels-first", "    return np.asarray(means, np.float64).reshape(-1, 3).mean(axis=0)",
+      "    return np.asarray(means, np.float64).reshape(3, -1).mean(axis=1)",
+      ("tests/test_tilt_target.py -k sim2real",)),
+    M("b-only-rmse-on-a-columns", "b_only = good & (c[\"sublattice\"][cat] == 1)", "b_only = good & (c[\"sublattice\"][cat] == 0)",
+      ("tests/test_tilt_target.py -k sim2real",)),
 ]
 
 
