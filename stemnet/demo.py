@@ -69,7 +69,8 @@ def compare_with_truth(rec, micrograph: Path = MICROGRAPH) -> dict:
     ``truth``: the true values per row of the column table (NaN where unmatched)."""
     from simulation.micrograph import realistic_specimen
     from stemnet.data import tilt_target
-    from stemnet.reconstruct.heldout import column_truth, match_columns, truth_polarisation_pm, truth_tilts
+    from stemnet.reconstruct.heldout import (column_truth, match_columns, truth_polarisation_pm, truth_tilt_z_from_O,
+                                             truth_tilts)
 
     z = np.load(Path(micrograph) / "truth.npz")
     desc = json.loads(str(z["description"]))
@@ -124,6 +125,18 @@ def compare_with_truth(rec, micrograph: Path = MICROGRAPH) -> dict:
         else:
             values[f"tilt_{axis}_mae_deg_network"] = None
             values[f"tilt_{axis}_cells"] = 0
+    # the tilt about z from the four O columns around each B (network's and fitted positions)
+    # against the same rule on the true O columns
+    from_o = truth_tilt_z_from_O(truth.xy, truth.sublattice, truth.displacement, float(desc["a_ang"]), box)
+    per["tilt_z_deg_from_O"] = np.full(n, np.nan)
+    for i in b:
+        per["tilt_z_deg_from_O"][i] = from_o.get(int(matched[i]), np.nan)
+    t = per["tilt_z_deg_from_O"]
+    values["tilt_z_from_O_mae_deg_zero"] = float(np.nanmean(np.abs(t))) if np.isfinite(t).any() else None
+    for key, name in (("tilt_z_deg_from_O", "network"), ("tilt_z_deg_from_O_fit", "gaussian_fit")):
+        ok = np.isfinite(t) & np.isfinite(c[key]) if key in c else np.zeros(n, bool)
+        values[f"tilt_z_from_O_mae_deg_{name}"] = float(np.mean(np.abs(c[key][ok] - t[ok]))) if ok.any() else None
+        values[f"tilt_z_from_O_cells_{name}"] = int(ok.sum())
     return {"values": values, "truth": per, "description": desc}
 
 
@@ -232,6 +245,11 @@ def _comparison_table(v: dict) -> str:
         rows.append(f"| tilt about {axis}, MAE per cell (°; {v[f'tilt_{axis}_cells']} cells) | "
                     f"{f2(v[f'tilt_{axis}_mae_deg_network'])} | — | {f2(v[f'tilt_{axis}_mae_deg_zero'])} | "
                     f"mean {f2(v[f'tilt_{axis}_mean_deg_truth'])} |")
+    if v.get("tilt_z_from_O_cells_network") or v.get("tilt_z_from_O_cells_gaussian_fit"):
+        rows.append(f"| tilt from the O columns, about z: the four around each B, MAE (°; "
+                    f"{v['tilt_z_from_O_cells_network']} / {v['tilt_z_from_O_cells_gaussian_fit']} cells) | "
+                    f"{f2(v['tilt_z_from_O_mae_deg_network'])} | {f2(v['tilt_z_from_O_mae_deg_gaussian_fit'])} | "
+                    f"{f2(v['tilt_z_from_O_mae_deg_zero'])} | signed, from the true O columns |")
     return "\n".join(rows)
 
 

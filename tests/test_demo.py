@@ -94,6 +94,11 @@ def check_comparison(root, text):
         row = _table_row(text, f"tilt about {axis}")
         assert float(row[2]) == pytest.approx(angle, abs=0.05), axis
         assert np.isfinite(float(row[0])), axis
+    # the rotation about z read from the O columns around each B: a−a−c+ turns every cell by
+    # the full angle about z in phase, so the zero baseline is that angle (sin θ in radians)
+    row = _table_row(text, "tilt from the O columns, about z")
+    assert float(row[2]) == pytest.approx(np.degrees(np.sin(np.radians(desc["tilt_deg"][2]))), abs=0.1)
+    assert np.isfinite(float(row[0])) and np.isfinite(float(row[1]))
     values = json.loads((root / "comparison.json").read_text())
     assert values["dxdy_rmse_pm_network"] == pytest.approx(net, abs=1e-3)
 

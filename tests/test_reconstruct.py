@@ -60,10 +60,13 @@ def signal(data, title, scale, units, nav=0):
                 package_info={"package": "", "package_version": ""}, tmp_parameters={})
 
 
-def lattice_images(cells=4, pixel=0.4, b_shift=(0.0, 0.0), a=A_ANG, sigma=0.35, supercell=None, contrast=0.05):
+def lattice_images(cells=4, pixel=0.4, b_shift=(0.0, 0.0), a=A_ANG, sigma=0.35, supercell=None, contrast=0.05,
+                   rotation_deg=0.0):
     """Synthetic [001] perovskite HAADF + ABF (Gaussian columns): A bright, B dimmer, O in ABF.
     ``supercell`` "2x1" or "sqrt2": every other A column (along x, or in a checkerboard)
-    ``contrast`` brighter, a weak superlattice as octahedral tilts or ordering give."""
+    ``contrast`` brighter, a weak superlattice as octahedral tilts or ordering give.
+    ``rotation_deg``: the O columns moved as octahedra rotated about z by that angle,
+    counter-clockwise around the B columns with (i + j) even, clockwise around the others."""
     n = int(round(cells * a / pixel))
     c = (np.arange(n) + 0.5) * pixel
     yy, xx = np.meshgrid(c, c, indexing="ij")
@@ -72,9 +75,11 @@ def lattice_images(cells=4, pixel=0.4, b_shift=(0.0, 0.0), a=A_ANG, sigma=0.35, 
     for i in range(-1, cells + 1):
         for j in range(-1, cells + 1):
             bright = {"2x1": i % 2, "sqrt2": (i + j) % 2}.get(supercell, 0)
+            # rotation θ about the B at ((i, j) + 0.75) a: an O at r from it moves θ (−r_y, r_x)
+            turn = (-1) ** (i + j) * np.radians(rotation_deg) * a / 2
             sites = [((i + 0.25) * a, (j + 0.25) * a, 1.0 + contrast * bright, 0.2),
                      ((i + 0.75) * a + b_shift[0], (j + 0.75) * a + b_shift[1], 0.55, 0.2),
-                     ((i + 0.75) * a, (j + 0.25) * a, 0.0, 0.1), ((i + 0.25) * a, (j + 0.75) * a, 0.0, 0.1)]
+                     ((i + 0.75) * a + turn, (j + 0.25) * a, 0.0, 0.1), ((i + 0.25) * a, (j + 0.75) * a - turn, 0.0, 0.1)]
             for x0, y0, amp, dip in sites:
                 g = np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma**2))
                 haadf += amp * g
@@ -430,6 +435,28 @@ def test_columns_on_a_synthetic_lattice(pixel):
     assert abs(summary["mean_pol_fit_x_pm"] - 15) < 1 and abs(summary["mean_pol_fit_y_pm"] + 5) < 1
     assert np.nanmax(np.abs(table["fit_dx_ang"][table["sublattice"] == 0])) < 0.01
     assert summary["O"]["count"] >= 32 and summary["tilt_deg"] == 0.0
+
+
+def test_tilt_about_z_from_the_fitted_O_columns():
+    """Octahedra rotated 6° about z in a checkerboard (a0a0c+ seen along it): the fitted O
+    positions around each B give ±6° (to 0.2°), the sign alternating from cell to cell; the
+    network's estimate (zero maps here) gives 0."""
+    pixel = 0.1
+    img = lattice_images(cells=6, pixel=pixel, rotation_deg=6.0)
+    found, lattice = R.find_lattice_columns(img[0], abf=img[1])
+    zero = {"displacement": np.zeros((8, 8, 9)), "potential": np.zeros((8, 8, 1))}
+    table, summary = R.column_statistics(found, lattice, pixel, zero, zero, TRAIN_PIXEL)
+    b = np.flatnonzero((table["sublattice"] == 1) & np.isfinite(table["tilt_z_deg_from_O_fit"]))
+    assert len(b) >= 16
+    fit = table["tilt_z_deg_from_O_fit"][b]
+    assert np.allclose(np.abs(fit), 6.0, atol=0.2), fit
+    # neighbouring cells (one lattice step apart) turn the opposite way
+    u, v = np.floor(table["u"][b]).astype(int), np.floor(table["v"][b]).astype(int)  # B at (u + ½, v + ½)
+    parity = (u + v) % 2
+    assert len(set(np.sign(fit[parity == 0]))) == 1 and len(set(np.sign(fit[parity == 1]))) == 1
+    assert np.sign(fit[parity == 0][0]) == -np.sign(fit[parity == 1][0])
+    assert abs(summary["mean_abs_tilt_z_deg_from_O_fit"] - 6.0) < 0.2
+    assert np.allclose(table["tilt_z_deg_from_O"][b], 0.0)
 
 
 def test_one_peak_finder_everywhere():

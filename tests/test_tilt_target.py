@@ -165,7 +165,24 @@ def test_sim2real_scores_the_tilt_head_out_of_plane(tilt_run):
     # A + B figure lies below the B-only one
     assert result["dxdy_rmse_pm_B_network"] > result["dxdy_rmse_pm_network"] > 0
     assert np.isfinite(result["dxdy_rmse_pm_B_gaussian_fit"])
+    # a−a−c0 turns no octahedron about z: the O-based estimates' zero baselines are 0 on the
+    # cells each one scored, and the fitted O columns give a finite error
+    assert result["tilt_mae_deg_inplane_from_O_zero"] == pytest.approx(0.0, abs=0.2)
+    assert result["tilt_mae_deg_inplane_from_O_gaussian_fit_zero"] == pytest.approx(0.0, abs=0.2)
+    assert np.isfinite(result["tilt_mae_deg_inplane_from_O_gaussian_fit"])
+    assert np.isfinite(result["dxdy_rmse_pm_O_gaussian_fit"])
     for key in ("dxdy_rmse_pm_network", "dxdy_rmse_pm_gaussian_fit", "tilt_mae_deg_inplane",
                 "tilt_mae_deg_out_of_plane", "coverage_1sigma", "seam_ratio"):
         assert result[key] is not None and np.isfinite(result[key]), key
     print("\nsim2real (tiny tilt run):", json.dumps({k: v for k, v in result.items() if k.startswith("tilt")}))
+
+
+def test_slope_reads_shrinkage():
+    """The O-shift slope of bench sim2real: 1 for a full reading, 0.5 for half, sign kept."""
+    from stemnet.reconstruct.benchmark import _slope
+
+    truth = np.array([0.3, -0.2, 0.1, 0.0])
+    assert _slope(truth, truth) == pytest.approx(1.0)
+    assert _slope(0.5 * truth + np.array([0.0, 0.0, 0.0, 0.05]), truth) == pytest.approx(0.5)
+    assert _slope(-truth, truth) == pytest.approx(-1.0)
+    assert _slope(truth, np.zeros(4)) is None

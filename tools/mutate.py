@@ -103,6 +103,12 @@ MUTANTS: List[Mutant] = [
       ("tests/test_tilt_target.py -k sim2real",)),
     M("b-only-rmse-on-a-columns", "b_only = good & (c[\"sublattice\"][cat] == 1)", "b_only = good & (c[\"sublattice\"][cat] == 0)",
       ("tests/test_tilt_target.py -k sim2real",)),
+    M("o-fit-tilt-from-network", 'rotation_deg(rx, ry, table["fit_dx_ang"][o], table["fit_dy_ang"][o])',
+      'rotation_deg(rx, ry, table["dx_ang"][o], table["dy_ang"][o])',
+      ("tests/test_reconstruct.py -k tilt_about_z_from_the_fitted",)),
+    M("rotation-cross-sign", "return math.degrees(float(np.mean((rx * dy - ry * dx) / (rx**2 + ry**2))))",
+      "return math.degrees(float(np.mean((rx * dy + ry * dx) / (rx**2 + ry**2))))",
+      ("tests/test_reconstruct.py -k tilt_about_z_from_the_fitted",)),
 ]
 
 

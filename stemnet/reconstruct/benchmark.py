@@ -122,7 +122,7 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
     # the constant a head that ignores its input would best give: the training split's mean target
     mean_tilt = _mean_tilt_target(data, info, norm) if has_tilt else None
     rows = []
-    errs = {k: [] for k in ("net", "fit", "dz", "dz0", "tz", "tz0", "tz_O", "tz_O_truth", "txy", "txy0", "z0", "z1", "z2", "o_net", "o_true",
+    errs = {k: [] for k in ("net", "fit", "dz", "dz0", "tz", "tz0", "tz_O", "tz_O_truth", "tz_O_fit", "tz_O_fit_truth", "txy", "txy0", "z0", "z1", "z2", "o_net", "o_true", "o_fit",
                             "border", "inner", "txy_mean", "tz_mean", "net_B", "fit_B")}
     for k in range(samples):
         rng = np.random.default_rng([seed, k])  # micrograph k is a function of (seed, k) alone
@@ -152,6 +152,10 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
             if sub == 2:  # the O columns: what the tilts move
                 errs["o_net"].append(mean_in.ravel())
                 errs["o_true"].append(t_in.ravel())
+        o_cols = m & (c["sublattice"] == 2)
+        o_fit = np.column_stack([c["fit_dx_ang"][o_cols], c["fit_dy_ang"][o_cols]])
+        o_ok = np.all(np.isfinite(o_fit), axis=1)  # the O columns the ABF fit found
+        errs["o_fit"].append((o_fit[o_ok] - t_d[matched[o_cols][o_ok], :2]).ravel())
         # tilts per B column: the network's tilt head against the labels' rule, and the
         # estimate about z from the O displacements against the same rule on the true O
         b = np.flatnonzero((c["sublattice"] == 1) & m)
@@ -172,6 +176,9 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
             if j in from_o and np.isfinite(c["tilt_z_deg_from_O"][i]):
                 errs["tz_O"].append([abs(c["tilt_z_deg_from_O"][i] - from_o[j])])
                 errs["tz_O_truth"].append([abs(from_o[j])])
+            if j in from_o and np.isfinite(c["tilt_z_deg_from_O_fit"][i]):  # the classical estimate
+                errs["tz_O_fit"].append([abs(c["tilt_z_deg_from_O_fit"][i] - from_o[j])])
+                errs["tz_O_fit_truth"].append([abs(from_o[j])])
         border, inner = seam_errors(predict, micrograph, info, norm, truth, np.diag(spec.atoms.cell.array)[:2],
                                     material.a, rec.pixel_size_ang, uncertainty=uncertainty, first_columns=c)
         errs["border"].append(border)
@@ -189,6 +196,8 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
         "dxdy_rmse_pm_gaussian_fit": pm(rms(cat["fit"])),
         "dxdy_rmse_pm_B_network": pm(rms(cat["net_B"])), "dxdy_rmse_pm_B_gaussian_fit": pm(rms(cat["fit_B"])),
         "dxdy_rmse_pm_O_network": pm(rms(cat["o_net"] - cat["o_true"])), "dxdy_rmse_pm_O_zero": pm(rms(cat["o_true"])),
+        "dxdy_rmse_pm_O_gaussian_fit": pm(rms(cat["o_fit"])),
+        "dxdy_slope_O_network": _slope(cat["o_net"], cat["o_true"]),
         "dxdy_corr_O_network": float(np.corrcoef(cat["o_net"], cat["o_true"])[0, 1])
         if len(cat["o_true"]) > 1 and np.std(cat["o_true"]) > 0 and np.std(cat["o_net"]) > 0 else None,
         "dz_rmse_pm_network": pm(rms(cat["dz"])), "dz_rmse_pm_zero": pm(rms(cat["dz0"])),
@@ -196,6 +205,8 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
         "tilt_mae_deg_inplane_zero": mae(cat["tz0"]) if has_tilt else mae(cat["tz_O_truth"]),
         "tilt_mae_deg_inplane_mean": mae(cat["tz_mean"]) if has_tilt else None,
         "tilt_mae_deg_inplane_from_O": mae(cat["tz_O"]), "tilt_mae_deg_inplane_from_O_zero": mae(cat["tz_O_truth"]),
+        "tilt_mae_deg_inplane_from_O_gaussian_fit": mae(cat["tz_O_fit"]),
+        "tilt_mae_deg_inplane_from_O_gaussian_fit_zero": mae(cat["tz_O_fit_truth"]),
         "tilt_mae_deg_out_of_plane": mae(cat["txy"]) if has_tilt else None,
         "tilt_mae_deg_out_of_plane_zero": mae(cat["txy0"]),
         "tilt_mae_deg_out_of_plane_mean": mae(cat["txy_mean"]) if has_tilt else None,
@@ -214,7 +225,8 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
                   "against the truth of the specimen by the labels' rule (simulation.labels.tilt_map), the zero "
                   "baseline the mean |truth|, the mean baseline the training split's mean |tilt| per axis (a "
                   "constant: what a head that ignores its input comes closest to); inplane_from_O: the estimate from the O displacements against the "
-                  "same rule on the true O columns" if has_tilt else
+                  "same rule on the true O columns (_gaussian_fit: from the O columns' fitted positions, on the "
+                  "cells whose four O columns were all fitted; its _zero on those cells)" if has_tilt else
                   "the run predicts no tilt head: tilt_mae_deg_inplane is the estimate from the O displacements, "
                   "tilt_mae_deg_out_of_plane None against the zero baseline of the specimens' out-of-plane tilts"),
     }
@@ -223,6 +235,13 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
     if has_tilt and result["tilt_mae_deg_out_of_plane"] is not None and result["tilt_mae_deg_out_of_plane_zero"]:
         result["ratio_out_of_plane_vs_zero"] = result["tilt_mae_deg_out_of_plane"] / result["tilt_mae_deg_out_of_plane_zero"]
     return result
+
+
+def _slope(estimate: np.ndarray, truth: np.ndarray) -> Optional[float]:
+    """Least-squares slope of ``estimate`` on ``truth`` through 0: 1 reads the shifts in full,
+    0.5 half of them (shrinkage towards 0)."""
+    norm = float(np.sum(np.square(truth)))
+    return float(np.sum(estimate * truth) / norm) if norm > 0 else None
 
 
 def write(result: dict, path) -> None:

@@ -192,7 +192,7 @@ def column_statistics(found: Dict[str, np.ndarray], lattice: Optional[Lattice], 
     table.update(_per_cell(found, table, maps, spread, mr, mc, tilt_scale))
     b = sub == 1
     for key in ("pol_fit_x_pm", "pol_fit_y_pm", "pol_net_x_pm", "pol_net_y_pm", "tilt_z_deg_from_O",
-                "tilt_x_deg", "tilt_y_deg", "tilt_z_deg"):
+                "tilt_z_deg_from_O_fit", "tilt_x_deg", "tilt_y_deg", "tilt_z_deg"):
         if key in table:
             values = table[key][b]
             values = values[np.isfinite(values)]
@@ -206,13 +206,22 @@ def column_statistics(found: Dict[str, np.ndarray], lattice: Optional[Lattice], 
     return table, summary
 
 
+def rotation_deg(rx, ry, dx, dy) -> float:
+    """Rotation about z [deg, counter-clockwise] of the columns at offsets (rx, ry) [Å] from
+    a centre that moved them by (dx, dy) [Å]: the mean of (r × d)/|r|² (small angles)."""
+    rx, ry, dx, dy = (np.asarray(v, np.float64) for v in (rx, ry, dx, dy))
+    return math.degrees(float(np.mean((rx * dy - ry * dx) / (rx**2 + ry**2))))
+
+
 def _per_cell(found, table, maps, spread, mr, mc, tilt_scale) -> Dict[str, np.ndarray]:
-    """Per B column: polarisation (fit and network, pm) and tilt angles (degrees); NaN elsewhere."""
+    """Per B column: polarisation (fit and network, pm) and tilt angles (degrees; about z also
+    from the four O columns around it, the network's and the fitted positions); NaN elsewhere."""
     sub = found["sublattice"]
     n = len(sub)
     key = {(int(round(2 * u)), int(round(2 * v))): i for i, (u, v) in enumerate(zip(found["u"], found["v"]))}
     out = {k: np.full(n, np.nan) for k in ("pol_fit_x_pm", "pol_fit_y_pm")}
     have_net = "dx_ang" in table
+    out["tilt_z_deg_from_O_fit"] = np.full(n, np.nan)
     if have_net:
         out.update({k: np.full(n, np.nan) for k in ("pol_net_x_pm", "pol_net_y_pm", "std_pol_net_pm",
                                                      "tilt_z_deg_from_O")})
@@ -231,12 +240,14 @@ def _per_cell(found, table, maps, spread, mr, mc, tilt_scale) -> Dict[str, np.nd
                 out["pol_net_y_pm"][i] = 100 * (table["dy_ang"][i] - table["dy_ang"][a].mean())
                 out["std_pol_net_pm"][i] = 100 * math.hypot(table["std_dx_ang"][i], table["std_dy_ang"][i])
         o = [key.get((ku + du, kv + dv)) for du, dv in edges]
-        if have_net and all(j is not None for j in o):
+        if all(j is not None for j in o):
             o = np.array(o)
             rx = table["ideal_x_ang"][o] - table["ideal_x_ang"][i]
             ry = table["ideal_y_ang"][o] - table["ideal_y_ang"][i]
-            cross = (rx * table["dy_ang"][o] - ry * table["dx_ang"][o]) / (rx**2 + ry**2)
-            out["tilt_z_deg_from_O"][i] = math.degrees(float(np.mean(cross)))
+            if have_net:
+                out["tilt_z_deg_from_O"][i] = rotation_deg(rx, ry, table["dx_ang"][o], table["dy_ang"][o])
+            if found["fitted"][o].all():  # the classical estimate: the O columns' fitted positions
+                out["tilt_z_deg_from_O_fit"][i] = rotation_deg(rx, ry, table["fit_dx_ang"][o], table["fit_dy_ang"][o])
     if "tilt" in maps:
         b = sub == 1
         for c, axis in enumerate("xyz"):

@@ -41,7 +41,7 @@ def _cell_map(ax, fig, cols, key: str, a_ang: float, title: str, lim=None, width
         return
     values = cols[key][b]
     lim = lim or max(float(np.abs(values).max()), 1e-3)
-    signed = key.endswith("_from_O")  # the tilt head's maps are magnitudes (stemnet.data.tilt_target)
+    signed = "_from_O" in key  # the tilt head's maps are magnitudes (stemnet.data.tilt_target)
     cmap, vmin = ("RdBu_r", -lim) if signed else ("viridis", 0.0)
     sc = ax.scatter(cols["ideal_x_ang"][b], cols["ideal_y_ang"][b], c=values, cmap=cmap, vmin=vmin, vmax=lim,
                     marker="s", s=_cell_size(ax, fig, a_ang, width_ang, len(values)), edgecolors="none")
@@ -129,6 +129,8 @@ def plot_reconstruction(path: Path, rec: Reconstruction) -> None:
     plt, path, extent, base, cols, a_ang = _canvas(path, rec)
     tilt_keys = [k for k in ("tilt_x_deg", "tilt_y_deg", "tilt_z_deg") if k in cols]
     tilt_panels = tilt_keys or ["tilt_z_deg_from_O"]
+    if np.isfinite(cols.get("tilt_z_deg_from_O_fit", np.nan)).any():  # the classical estimate beside
+        tilt_panels = tilt_panels + ["tilt_z_deg_from_O_fit"]
     n = 3 + len(tilt_panels)
     ncol = 3
     fig, axes = plt.subplots(math.ceil(n / ncol), ncol, figsize=(4.2 * ncol, 4 * math.ceil(n / ncol)), squeeze=False)
@@ -145,8 +147,9 @@ def plot_reconstruction(path: Path, rec: Reconstruction) -> None:
     for key in tilt_panels:
         ax = flat.pop(0)
         ax.imshow(base, cmap="gray", extent=extent, alpha=0.35)
-        what = "from the O displacements" if key.endswith("from_O") else "network"
-        _cell_map(ax, fig, cols, key, a_ang, f"{'tilt' if key.endswith('from_O') else '|tilt|'} about {key[5]} "
+        what = {"from_O": "network's O displacements", "from_O_fit": "fitted O columns"}.get(
+            key.split("_deg_")[-1], "network")
+        _cell_map(ax, fig, cols, key, a_ang, f"{'tilt' if '_from_O' in key else '|tilt|'} about {key[5]} "
                                              f"per cell ({what})")
         ax.set_xlim(0, extent[1])
         ax.set_ylim(extent[2], 0)

@@ -32,6 +32,8 @@ from typing import Optional
 
 import numpy as np
 
+from stemnet.reconstruct.columns import rotation_deg
+
 #: Held-out imperfections (outside the training draws), as :data:`simulation.stem.IMPERFECTION_PARAMS`
 #: values: a larger source, linear drift (x per scan line: a shear), line jitter, gain and offset.
 IMPERFECTIONS = {"source_fwhm_ang": 0.9, "drift_x_ang_per_line": 0.0004, "jitter_ang": 0.04, "gain": 7.3,
@@ -61,8 +63,7 @@ def truth_tilt_z_from_O(cols_xy, sub, disp, a, box) -> dict:
         if len(d) == 4 and np.all(d < 0.6 * a):
             r = cols_xy[o[j]] - cols_xy[i]
             r -= np.round(r / box) * box
-            t = disp[o[j]]
-            out[i] = math.degrees(float(np.mean((r[:, 0] * t[:, 1] - r[:, 1] * t[:, 0]) / (r**2).sum(1))))
+            out[i] = rotation_deg(r[:, 0], r[:, 1], disp[o[j], 0], disp[o[j], 1])
     return out
 
 
