@@ -65,7 +65,9 @@ def compare_with_truth(rec, micrograph: Path = MICROGRAPH) -> dict:
     network and the Gaussian-fit baseline (columns the fit found; relative to the A
     lattice), polarisation (B off its A-cell centre, pm) mean and RMSE of network and fit
     against the truth, tilt MAE per axis of the network's tilt head against the truth
-    (:func:`~stemnet.reconstruct.heldout.truth_tilts`) and the zero baseline — and
+    (:func:`~stemnet.reconstruct.heldout.truth_tilts`) and the zero baseline, and the
+    rotation about z from the O columns around each B (the network's and the fitted
+    positions) against the same rule on the true O columns — and
     ``truth``: the true values per row of the column table (NaN where unmatched)."""
     from simulation.micrograph import realistic_specimen
     from stemnet.data import tilt_target
