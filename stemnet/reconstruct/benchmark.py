@@ -122,7 +122,8 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
     # the constant a head that ignores its input would best give: the training split's mean target
     mean_tilt = _mean_tilt_target(data, info, norm) if has_tilt else None
     rows = []
-    errs = {k: [] for k in ("net", "fit", "dz", "dz0", "tz", "tz0", "tz_O", "tz_O_truth", "tz_O_fit", "tz_O_fit_truth", "txy", "txy0", "z0", "z1", "z2", "o_net", "o_true", "o_fit",
+    errs = {k: [] for k in ("net", "fit", "dz", "dz0", "tz", "tz0", "tz_O", "tz_O_truth", "tz_O_fit", "tz_O_fit_truth",
+                            "txy", "txy0", "z0", "z1", "z2", "o_net", "o_true", "o_fit",
                             "border", "inner", "txy_mean", "tz_mean", "net_B", "fit_B")}
     for k in range(samples):
         rng = np.random.default_rng([seed, k])  # micrograph k is a function of (seed, k) alone
