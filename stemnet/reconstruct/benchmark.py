@@ -174,12 +174,11 @@ def bench_sim2real(run, data, *, samples: int = 6, pixel_ang: float = 0.1, min_p
         from_o = truth_tilt_z_from_O(t_xy, t_sub, t_d, material.a, np.diag(spec.atoms.cell.array)[:2])
         for i in b:
             j = matched[i]
-            if j in from_o and np.isfinite(c["tilt_z_deg_from_O"][i]):
-                errs["tz_O"].append([abs(c["tilt_z_deg_from_O"][i] - from_o[j])])
-                errs["tz_O_truth"].append([abs(from_o[j])])
-            if j in from_o and np.isfinite(c["tilt_z_deg_from_O_fit"][i]):  # the classical estimate
-                errs["tz_O_fit"].append([abs(c["tilt_z_deg_from_O_fit"][i] - from_o[j])])
-                errs["tz_O_fit_truth"].append([abs(from_o[j])])
+            # the network's O displacements, and the fitted O columns (the classical estimate)
+            for err, column in (("tz_O", "tilt_z_deg_from_O"), ("tz_O_fit", "tilt_z_deg_from_O_fit")):
+                if j in from_o and np.isfinite(c[column][i]):
+                    errs[err].append([abs(c[column][i] - from_o[j])])
+                    errs[f"{err}_truth"].append([abs(from_o[j])])
         border, inner = seam_errors(predict, micrograph, info, norm, truth, np.diag(spec.atoms.cell.array)[:2],
                                     material.a, rec.pixel_size_ang, uncertainty=uncertainty, first_columns=c)
         errs["border"].append(border)
